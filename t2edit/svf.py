@@ -1,0 +1,417 @@
+"""Singular Value Fine-tuning (SVF): W' = U diag(s · f(z)) Vᵀ, with one trainable vector z per chosen matrix.
+
+`apply_svf(model, SVFConfig(...))` decomposes the chosen linear layers of any `transformers` causal LM (SVD cached
+on disk), swaps each for an `SVFLinear`, freezes every other parameter and returns an `SVFModel`.
+`SVFModel.merge_and_unload()` folds the current z into plain weights and hands back an ordinary model that
+`save_pretrained` / vLLM / any tool can use.
+
+Speed: the recomposed weight W' is cached and rebuilt only when z changes (z's in-place version counter moves on
+every optimizer step or load), so a forward pass costs what the base layer costs. The gradient reaches z without
+ever forming the full weight gradient: dL/dσᵢ = Σ_tokens (g·uᵢ)(x·vᵢ), two thin matmuls.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+try:  # GPT-2-style models store linear layers transposed in a Conv1D.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+MASKS = ("sigmoid", "identity")
+TARGET_PRESETS = ("mlp", "attn", "all-linear")
+SVD_CACHE_VERSION = 1
+
+
+@dataclass
+class SVFConfig:
+    """Which matrices to decompose and how z maps to singular-value multipliers.
+
+    Defaults follow Transformer²: MLP matrices, m = sigmoid(z)·max_mult, singular values rescaled to keep
+    their sum, z initialised to 0.1 (at which the rescaled weight equals the base weight exactly)."""
+
+    target_modules: str | list[str] = "mlp"  # "mlp" | "attn" | "all-linear" | list of name suffixes / "re:<regex>"
+    mask: str = "sigmoid"  # "sigmoid": m = sigmoid(z)·max_mult; "identity": m = z
+    max_mult: float = 1.0
+    norm_preserving: bool = True  # W' ·= Σs / Σ(s·m)
+    z_init: float = 0.1
+    z_init_noise: float = 0.0
+    svd_cache_dir: str | None = None  # None: ~/.cache/t2edit/svd; "" disables the cache
+    factor_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.mask not in MASKS:
+            raise ValueError(f"SVFConfig.mask={self.mask!r} is not supported; choose one of {MASKS}")
+        if isinstance(self.target_modules, str) and self.target_modules not in TARGET_PRESETS:
+            self.target_modules = [self.target_modules]
+
+    def multiplier(self, z: torch.Tensor) -> torch.Tensor:
+        """f(z): the one mask function used in training, mixing and merging alike."""
+        return torch.sigmoid(z) * self.max_mult if self.mask == "sigmoid" else z
+
+    def neutral_z(self) -> float:
+        """A z value at which W' == W."""
+        if self.norm_preserving:  # any uniform multiplier is undone by the rescale
+            return self.z_init if self.mask == "sigmoid" else 1.0
+        if self.mask == "identity":
+            return 1.0
+        if self.max_mult <= 1.0:
+            raise ValueError("sigmoid mask without norm_preserving needs max_mult > 1 to represent the base weight")
+        return math.log(1.0 / (self.max_mult - 1.0))  # sigmoid(z)·max_mult == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing layers and fingerprinting weights
+# ----------------------------------------------------------------------------------------------------------------
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def find_target_layers(model: nn.Module, target_modules) -> list[str]:
+    """Names of the linear layers selected by a preset or by suffix / regex patterns. The output head is never
+    chosen (it is tied to the embeddings in many models)."""
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or name.split(".")[-1] in ("lm_head", "score", "embed_out"):
+            continue
+        parts = name.lower().split(".")
+        if target_modules == "all-linear":
+            chosen = True
+        elif target_modules == "mlp":
+            chosen = any(p in ("mlp", "feed_forward", "ffn") for p in parts)
+        elif target_modules == "attn":
+            chosen = any(p in ("attn", "self_attn", "attention", "self_attention") for p in parts)
+        else:
+            chosen = any(re.search(p[3:], name) if p.startswith("re:") else (name == p or name.endswith("." + p))
+                         for p in target_modules)
+        if chosen:
+            names.append(name)
+    if not names:
+        raise ValueError(f"SVF target_modules={target_modules!r} matched no linear layer of "
+                         f"{type(model).__name__}; use 'mlp', 'attn', 'all-linear' or name suffixes like 'down_proj'")
+    return names
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """A cheap, stable fingerprint of a weight: shape, dtype, a strided sample of values and their sum."""
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // 65536)
+    sample = flat[::step].to("cpu", torch.float64)
+    digest = hashlib.sha256()
+    digest.update(f"{tuple(weight.shape)}|{weight.dtype}|{flat.double().sum().item():.10e}".encode())
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out_features, in_features), whatever its storage convention."""
+    return module.weight.T if (Conv1D and isinstance(module, Conv1D)) else module.weight
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SVD with an on-disk cache
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_svd_cache_dir() -> Path:
+    return Path(os.environ.get("T2EDIT_CACHE", Path.home() / ".cache" / "t2edit")) / "svd"
+
+
+def decompose(weight: torch.Tensor, factor_dtype: torch.dtype = torch.float32):
+    """U, s, Vᵀ of an (out, in) weight, computed on the weight's device (GPU when the model is on one)."""
+    w = weight.detach().to(torch.float32)
+    U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+    return U.to(factor_dtype).contiguous(), s.to(factor_dtype).contiguous(), Vh.to(factor_dtype).contiguous()
+
+
+class SVDCache:
+    """One safetensors file per matrix, named by (weight fingerprint, layer name, factor dtype).
+
+    A file is trusted only if it loads, its metadata matches, its shapes fit and it reconstructs the weight on a
+    random probe vector; anything else is reported (one warning per load) and rebuilt."""
+
+    def __init__(self, directory: str | Path | None):
+        self.directory = None if directory == "" else Path(directory or default_svd_cache_dir())
+        self.rebuilt: list[str] = []
+        self.hits = 0
+
+    def path(self, fingerprint: str, layer: str, dtype: torch.dtype) -> Path:
+        safe_layer = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+        return self.directory / f"{fingerprint}-{safe_layer}-{str(dtype).replace('torch.', '')}.safetensors"
+
+    def get(self, layer: str, weight: torch.Tensor, dtype: torch.dtype):
+        if self.directory is None:
+            return decompose(weight, dtype)
+        fingerprint = weight_fingerprint(weight)
+        path = self.path(fingerprint, layer, dtype)
+        if path.exists():
+            factors, problem = self._read(path, fingerprint, layer, weight, dtype)
+            if factors is not None:
+                self.hits += 1
+                return factors
+            self.rebuilt.append(f"{path.name} ({problem})")
+        factors = decompose(weight, dtype)
+        self._write(path, factors, fingerprint, layer)
+        return factors
+
+    def _read(self, path, fingerprint, layer, weight, dtype):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(weight.device)) as handle:
+                meta = handle.metadata() or {}
+                U, s, Vh = (handle.get_tensor(k) for k in ("U", "S", "Vh"))
+        except Exception as error:  # truncated or corrupt file
+            return None, f"unreadable: {type(error).__name__}"
+        expected = {"fingerprint": fingerprint, "layer": layer, "version": str(SVD_CACHE_VERSION)}
+        if any(meta.get(k) != v for k, v in expected.items()):
+            return None, "metadata mismatch"
+        out_features, in_features = weight.shape
+        rank = min(out_features, in_features)
+        if U.shape != (out_features, rank) or s.shape != (rank,) or Vh.shape != (rank, in_features) \
+                or U.dtype != dtype:
+            return None, "shape/dtype mismatch"
+        probe = torch.randn(in_features, 1, device=weight.device, dtype=torch.float32)
+        expected_out = weight.detach().float() @ probe
+        got = U.float() @ (s.float()[:, None] * (Vh.float() @ probe))
+        if not torch.isfinite(got).all() or (got - expected_out).norm() > 1e-3 * (expected_out.norm() + 1e-6):
+            return None, "does not reconstruct the weight"
+        return (U, s, Vh), None
+
+    def _write(self, path: Path, factors, fingerprint: str, layer: str):
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        U, s, Vh = (t.detach().contiguous().cpu() for t in factors)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"U": U, "S": s, "Vh": Vh}, str(tmp),
+                  metadata={"fingerprint": fingerprint, "layer": layer, "version": str(SVD_CACHE_VERSION)})
+        os.replace(tmp, path)
+
+    def report(self):
+        if self.rebuilt:
+            warnings.warn(f"SVD cache in {self.directory}: {len(self.rebuilt)} file(s) were corrupt, truncated or "
+                          f"did not match the model and were rebuilt: {', '.join(self.rebuilt[:5])}"
+                          + (" ..." if len(self.rebuilt) > 5 else ""), stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SVF layer
+# ----------------------------------------------------------------------------------------------------------------
+
+class _FactoredLinear(torch.autograd.Function):
+    """y = x W'ᵀ + b with W' = U diag(σ) Vᵀ precomputed; backward gives x and σ their gradients only."""
+
+    @staticmethod
+    def forward(ctx, x, sigma, weight, U, Vh, bias):
+        ctx.save_for_backward(x, weight, U, Vh)
+        out = x @ weight.T
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, U, Vh = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(U.dtype)
+            h = x.reshape(-1, x.shape[-1]).to(Vh.dtype)
+            grad_sigma = ((g @ U) * (h @ Vh.T)).sum(0)
+        return grad_x, grad_sigma, None, None, None, None
+
+
+class SVFLinear(nn.Module):
+    """A frozen linear layer whose singular values are rescaled by f(z). The original layer is kept (frozen) as
+    `base_layer`, so `unload()` restores the model bit for bit."""
+
+    def __init__(self, base_layer: nn.Module, factors, config: SVFConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.transposed = bool(Conv1D) and isinstance(base_layer, Conv1D)
+        U, s, Vh = factors
+        self.register_buffer("U", U, persistent=False)
+        self.register_buffer("s", s, persistent=False)
+        self.register_buffer("Vh", Vh, persistent=False)
+        init = torch.full_like(s, config.z_init, dtype=torch.float32)
+        if config.z_init_noise:
+            init += torch.randn_like(init) * config.z_init_noise
+        self.z = nn.Parameter(init)
+        self._cached_weight: torch.Tensor | None = None
+        self._cache_key = None
+
+    @property
+    def rank(self) -> int:
+        return self.s.numel()
+
+    def singular_values(self) -> torch.Tensor:
+        """σ = s · f(z) (· Σs / Σ(s·f(z)) when norm-preserving), differentiable in z."""
+        s = self.s.float()
+        sigma = s * self.config.multiplier(self.z)
+        if self.config.norm_preserving:
+            sigma = sigma * (s.sum() / sigma.sum())
+        return sigma
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' as (out, in), in the base layer's dtype; rebuilt only when z has changed since the last call."""
+        key = (self.z._version, self.z.data_ptr())
+        if self._cached_weight is None or self._cache_key != key:
+            with torch.no_grad():
+                sigma = self.singular_values().to(self.U.dtype)
+                weight = (self.U * sigma) @ self.Vh
+                self._cached_weight = weight.to(self.base_layer.weight.dtype)
+            self._cache_key = key
+        return self._cached_weight
+
+    def forward(self, x):
+        weight = self.merged_weight()
+        bias = self.base_layer.bias
+        if torch.is_grad_enabled() and self.z.requires_grad:
+            sigma = self.singular_values()
+            return _FactoredLinear.apply(x, sigma, weight, self.U, self.Vh, bias)
+        out = x @ weight.T
+        return out + bias if bias is not None else out
+
+    def to_plain_layer(self) -> nn.Module:
+        """The base layer with W' folded in (same class, same storage convention)."""
+        weight = self.merged_weight().detach().clone()
+        self.base_layer.weight = nn.Parameter(weight.T.contiguous() if self.transposed else weight,
+                                              requires_grad=False)
+        return self.base_layer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The SVF model
+# ----------------------------------------------------------------------------------------------------------------
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def model_fingerprint(model: nn.Module, layer_names: list[str] | None = None) -> str:
+    """Fingerprint of a base model: its config's class and the fingerprints of its linear weights."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, module in model.named_modules():
+        if isinstance(module, SVFLinear):
+            module = module.base_layer
+        if _is_linear(module) and (layer_names is None or name in layer_names):
+            digest.update(name.encode() + weight_fingerprint(module.weight).encode())
+    return digest.hexdigest()[:32]
+
+
+class SVFModel(nn.Module):
+    """A causal LM whose chosen layers are `SVFLinear`s. Only the z vectors are trainable."""
+
+    def __init__(self, base_model: nn.Module, config: SVFConfig, svf_layers: dict[str, SVFLinear],
+                 base_fingerprint: str):
+        super().__init__()
+        self.base_model = base_model
+        self.svf_config = config
+        self.layer_names = list(svf_layers)
+        self.base_fingerprint = base_fingerprint
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    @property
+    def config(self):  # the transformers config, like any HF model
+        return self.base_model.config
+
+    @property
+    def device(self):
+        return next(self.base_model.parameters()).device
+
+    def svf_layers(self) -> dict[str, SVFLinear]:
+        return {name: self.base_model.get_submodule(name) for name in self.layer_names}
+
+    def z_parameters(self) -> list[nn.Parameter]:
+        return [layer.z for layer in self.svf_layers().values()]
+
+    def get_z(self) -> dict[str, torch.Tensor]:
+        return {name: layer.z.detach().clone() for name, layer in self.svf_layers().items()}
+
+    @torch.no_grad()
+    def set_z(self, z: dict[str, torch.Tensor]):
+        layers = self.svf_layers()
+        missing = set(layers) - set(z)
+        if missing:
+            raise ValueError(f"z vectors missing for {len(missing)} SVF layer(s), e.g. {sorted(missing)[0]!r}")
+        for name, layer in layers.items():
+            if z[name].shape != layer.z.shape:
+                raise ValueError(f"z for {name!r} has shape {tuple(z[name].shape)}, the layer needs "
+                                 f"{tuple(layer.z.shape)}")
+            layer.z.copy_(z[name].to(layer.z))
+
+    @torch.no_grad()
+    def reset_z(self):
+        """Back to the neutral z (the base model's weights)."""
+        for layer in self.svf_layers().values():
+            layer.z.fill_(self.svf_config.neutral_z())
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def unload(self) -> nn.Module:
+        """The original model with its original layers back (bit-identical)."""
+        for name, layer in self.svf_layers().items():
+            _set_submodule(self.base_model, name, layer.base_layer)
+        self._restore_requires_grad()
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """A plain transformers model with the current z folded into its weights. After this call the base
+        layers hold the edited weights; keep a copy of the base model if you still need it."""
+        for name, layer in self.svf_layers().items():
+            _set_submodule(self.base_model, name, layer.to_plain_layer())
+        self._restore_requires_grad()
+        return self.base_model
+
+    def _restore_requires_grad(self):
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad_before.get(name, False))
+
+
+def apply_svf(model: nn.Module, config: SVFConfig | None = None, progress: bool = True) -> SVFModel:
+    """Decompose the chosen layers of `model` (in place), freeze everything else, return an `SVFModel`."""
+    config = config or SVFConfig()
+    if isinstance(model, SVFModel):
+        raise ValueError("this model already has SVF layers; call .unload() first or reuse it")
+    names = find_target_layers(model, config.target_modules)
+    requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    base_fingerprint = model_fingerprint(model)
+    cache = SVDCache(config.svd_cache_dir)
+    factor_dtype = getattr(torch, config.factor_dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = {}
+    for name in tqdm(names, desc="SVD of target matrices", disable=not progress, leave=False):
+        base_layer = model.get_submodule(name)
+        factors = cache.get(name, _weight_as_out_in(base_layer), factor_dtype)
+        layers[name] = SVFLinear(base_layer, factors, config).to(base_layer.weight.device)
+        _set_submodule(model, name, layers[name])
+    cache.report()
+    svf_model = SVFModel(model, config, layers, base_fingerprint)
+    svf_model._requires_grad_before = requires_grad_before
+    return svf_model
+
+
+def svf_config_dict(config: SVFConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k != "svd_cache_dir"}
+
+
+__all__ = ["SVFConfig", "SVFLinear", "SVFModel", "SVDCache", "apply_svf", "find_target_layers",
+           "model_fingerprint", "weight_fingerprint", "svf_config_dict"]
