@@ -249,6 +249,7 @@ class SVFLinear(nn.Module):
         self.z = nn.Parameter(init)
         self._cached_weight: torch.Tensor | None = None
         self._cache_key = None
+        self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
 
     @property
     def rank(self) -> int:
@@ -274,6 +275,8 @@ class SVFLinear(nn.Module):
         return self._cached_weight
 
     def forward(self, x):
+        if self.bypass:
+            return self.base_layer(x)
         weight = self.merged_weight()
         bias = self.base_layer.bias
         if torch.is_grad_enabled() and self.z.requires_grad:

@@ -1,0 +1,305 @@
+"""Baseline editors (LoRA, FT-M, IKE, prompt) on a tiny fact world built here: they edit, restore exactly, work
+in batch mode, and never read what the evaluation scores."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from t2edit.baselines import (METHODS, EditInputError, FTEditor, FTEditorConfig, IKEEditor, LoRAEditor,
+                              LoRAEditorConfig, PromptEditor, UnknownEditorError, get_editor)
+from t2edit.baselines.ft import mlp_output_module_name
+from t2edit.baselines.ike import BM25, copy_demo
+from t2edit.data.records import EditRecord, Probe
+from t2edit.editing import Editor, NoEdit
+from t2edit.evaluation import teacher_forced_accuracy
+from t2edit.text import new_fact_context
+from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
+
+NAMES = "Alice Bruno Carla Dmitri Elena Farid Greta Hugo Ines Jonas".split()
+CITIES = "Paris Rome Oslo Lima Cairo".split()
+FIRMS = "Acme Globex Initech Umbrella Hooli".split()
+N_EDITS = 4  # facts 0..3 are edited; the others form IKE's training pool and teach in-context copying
+
+
+def _facts() -> list[tuple[str, str]]:
+    facts = []
+    for i, name in enumerate(NAMES):
+        facts.append((f"{name} lives in", CITIES[i % 5]))
+        facts.append((f"{name} works at", FIRMS[(2 * i) % 5]))
+    return facts
+
+
+def _counterfactual(answer: str, shift: int = 1) -> str:
+    """Another answer of the same relation — by construction also the true answer of some other fact."""
+    options = CITIES if answer in CITIES else FIRMS
+    return options[(options.index(answer) + shift) % len(options)]
+
+
+def _record(index: int, prompt: str, answer: str, shift: int = 1) -> EditRecord:
+    return EditRecord(subject=prompt.split()[0], prompt=prompt, target_new=[_counterfactual(answer, shift)],
+                      ground_truth=[answer], index=index)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Hidden-64 models gain nothing from a second thread, and spinning OpenMP threads slow down ~6x when other
+    processes share the two cores (measured: world build 9.6 s on 1 thread vs 58 s on 2 under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """20 facts "prompt answer", plus in-context copy examples (0-2 demos + new fact + prompt -> target) built
+    from the pool facts only, so copying the edited facts from context is generalisation. ~4 s."""
+    facts = _facts()
+    edits = [_record(i, *facts[i]) for i in range(N_EDITS)]
+    pool = [_record(i, *facts[i], shift=2) for i in range(N_EDITS, len(facts))]
+    texts = [f"{prompt} {answer}" for prompt, answer in facts]
+    starts = [len(prompt) + 1 for prompt, _ in facts]
+    for repeat in range(6):
+        for offset, record in enumerate(pool):
+            target = _counterfactual(record.ground_truth[0], 1 + (repeat + offset) % 4)
+            demos = "".join(copy_demo(pool[(offset + 3 * d + repeat + 1) % len(pool)].prompt,
+                                      pool[(offset + 3 * d + repeat + 1) % len(pool)].target)
+                            for d in range(repeat % 3))
+            text = demos + new_fact_context(record.prompt, target) + record.prompt + " " + target
+            texts.append(text)
+            starts.append(len(text) - len(target))
+    tokenizer = build_tiny_tokenizer(texts)
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2)
+    teach_facts(model, tokenizer, texts, steps=150, lr=3e-3, batch_size=32, answer_starts=starts)
+    return {"model": model, "tokenizer": tokenizer, "facts": facts, "edits": edits, "pool": pool}
+
+
+@pytest.fixture
+def model(world):
+    return copy.deepcopy(world["model"])
+
+
+def _editor(method: str, world) -> Editor:
+    """Each baseline with settings that suit a hidden-64 world (LoRA keeps EasyEdit's defaults)."""
+    if method == "lora":
+        return LoRAEditor(LoRAEditorConfig())
+    if method == "ft":
+        return FTEditor(FTEditorConfig(lr=1e-2))
+    if method == "ike":
+        return IKEEditor(train_records=world["pool"], k=2)
+    return PromptEditor()
+
+
+def _edit_success(model, tokenizer, records, context=None) -> float:
+    """Mean teacher-forced token accuracy of the targets (EasyEdit's Edit Succ.), with the editor's contexts."""
+    prompts = [r.prompt for r in records]
+    contexts = [context(p) for p in prompts] if context else None
+    scores = teacher_forced_accuracy(model, tokenizer, prompts, [r.target for r in records], contexts=contexts)
+    return sum(scores) / len(scores)
+
+
+def _logits(model, tokenizer, texts):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+BASELINES = ["lora", "ft", "ike", "prompt"]
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_single_edit_succeeds_then_restores_the_base_model(method, world, model):
+    tokenizer, records = world["tokenizer"], world["edits"]
+    editor = _editor(method, world)
+    weights_before = _weights(model)
+    probe_texts = [f"{prompt} {answer}" for prompt, answer in world["facts"]]
+    logits_before = _logits(model, tokenizer, probe_texts)
+    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    module_types_before = [(name, type(m)) for name, m in model.named_modules()]
+
+    before, after = [], []
+    for record in records:
+        before.append(_edit_success(model, tokenizer, [record]))
+        edited = editor.edit(model, tokenizer, [record])
+        after.append(_edit_success(edited.model, tokenizer, [record], edited.context))
+        edited.restore()
+    assert sum(before) / len(before) < 0.25  # the unedited model answers the old fact
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.5
+
+    weights_after = _weights(model)
+    assert weights_after.keys() == weights_before.keys()
+    assert all(torch.equal(weights_after[name], weights_before[name]) for name in weights_before)
+    assert torch.equal(_logits(model, tokenizer, probe_texts), logits_before)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags_before
+    assert [(name, type(m)) for name, m in model.named_modules()] == module_types_before
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_batch_edit_of_several_records(method, world, model):
+    tokenizer, records = world["tokenizer"], world["edits"]
+    before = _edit_success(model, tokenizer, records)
+    with torch.no_grad():  # as inside an evaluation loop: weight editors must still train
+        edited = _editor(method, world).edit(model, tokenizer, records)
+    after = _edit_success(edited.model, tokenizer, records, edited.context)
+    assert after > before + 0.5
+    if method in ("ike", "prompt"):  # each question gets its own fact back from the retriever
+        for record in records:
+            assert new_fact_context(record.prompt, record.target) in edited.context(record.prompt)
+    edited.restore()
+    assert torch.equal(_logits(model, tokenizer, [r.prompt for r in records]),
+                       _logits(world["model"], tokenizer, [r.prompt for r in records]))
+
+
+class LeakProofRecord(EditRecord):
+    """An edit whose evaluation-only fields blow up when anything reads them."""
+
+    def __getattribute__(self, name):
+        if name in ("locality", "portability", "rephrase"):
+            raise AssertionError(f"an editor read record.{name} (test leakage)")
+        return super().__getattribute__(name)
+
+
+def _leak_proof(record: EditRecord) -> LeakProofRecord:
+    probe = [Probe("a scored question", ["a scored answer"])]
+    return LeakProofRecord(subject=record.subject, prompt=record.prompt, target_new=list(record.target_new),
+                           ground_truth=list(record.ground_truth), locality={"relation_specificity": probe},
+                           portability={"reasoning": probe}, rephrase=probe, index=record.index)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_editors_never_read_locality_portability_or_rephrase(method, world, model):
+    tokenizer = world["tokenizer"]
+    records = [_leak_proof(r) for r in world["edits"]]
+    with pytest.raises(AssertionError, match="test leakage"):
+        records[0].scored_prompts()  # the tripwire works
+    if method == "ike":
+        editor = IKEEditor(train_records=[_leak_proof(r) for r in world["pool"]], k=2)
+    else:
+        editor = _editor(method, world)
+    if method in ("lora", "ft"):  # keep it quick: the point is which fields are read
+        editor.config.steps = 2
+    for batch in ([records[0]], records):
+        edited = editor.edit(model, tokenizer, batch)
+        for record in batch:
+            edited.context(record.prompt)
+        edited.restore()
+
+
+def test_ike_demonstrations_come_from_the_pool_never_the_edited_prompts(world):
+    edits, pool = world["edits"], world["pool"]
+    # A pool that also holds the edited prompts (with other targets) must not lend them as demos.
+    leaky_pool = pool + [_record(r.index, r.prompt, r.ground_truth[0], shift=3) for r in edits]
+    editor = IKEEditor(train_records=leaky_pool, k=3)
+    edited = editor.edit(None, world["tokenizer"], edits[:1])
+    context = edited.context(edits[0].prompt)
+    assert context.endswith(new_fact_context(edits[0].prompt, edits[0].target))
+    demos = context[: -len(new_fact_context(edits[0].prompt, edits[0].target))]
+    assert demos.count("New Fact:") == 3
+    assert f"New Fact: {edits[0].prompt} " not in demos
+    assert demos.endswith("\n\n")
+
+
+def test_ike_needs_a_pool_and_prompt_editing_has_no_demos(world):
+    with pytest.raises(EditInputError, match="train_records"):
+        IKEEditor(train_records=[], k=4)
+    record = world["edits"][0]
+    context = PromptEditor().edit(None, world["tokenizer"], [record]).context("any question")
+    assert context == new_fact_context(record.prompt, record.target)
+
+
+def test_bm25_ranks_shared_rare_words_first():
+    index = BM25(["Alice lives in Paris", "Bruno lives in Rome", "Carla works at Acme"])
+    assert index.ranked("Where does Bruno live?")[0] == 1
+    assert index.ranked("Carla works at")[0] == 2
+    assert index.ranked("Alice works at", exclude={0})[0] == 2
+
+
+def test_lora_targets_q_and_v_projections_by_default(world, model):
+    record = world["edits"][0]
+    edited = LoRAEditor(LoRAEditorConfig(steps=1)).edit(model, world["tokenizer"], [record])
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+    edited.restore()
+    assert not any(hasattr(module, "lora_A") for module in model.modules())
+
+
+def test_ft_trains_only_the_middle_layers_mlp_output(world, model):
+    name = mlp_output_module_name(model, None)
+    assert name == "model.layers.1.mlp.down_proj"
+    before = _weights(model)
+    edited = FTEditor(FTEditorConfig(steps=3, lr=1e-2)).edit(model, world["tokenizer"], world["edits"][:1])
+    changed = {key for key, tensor in model.state_dict().items() if not torch.equal(tensor, before[key])}
+    assert changed == {name + ".weight"}
+    edited.restore()
+    with pytest.raises(EditInputError, match="layer 7 does not exist"):
+        FTEditor(FTEditorConfig(layer=7)).edit(model, world["tokenizer"], world["edits"][:1])
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # PEFT switches it on for GPT-2 Conv1D itself
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_weight_editors_restore_exactly_on_other_architectures(arch, tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer, arch=arch, hidden_size=32, num_layers=2)
+    record = EditRecord(subject="Foo", prompt="The capital of Foo is", target_new=["Qux"])
+    texts = ["The capital of Foo is Qux", "The spouse of Ann is"]
+    weights, logits = _weights(model), _logits(model, tiny_tokenizer, texts)
+    for editor in (LoRAEditor(LoRAEditorConfig(steps=3)), FTEditor(FTEditorConfig(steps=3, lr=1e-2))):
+        edited = editor.edit(model, tiny_tokenizer, [record])
+        assert not torch.equal(_logits(edited.model, tiny_tokenizer, texts), logits)
+        edited.restore()
+        assert all(torch.equal(t, weights[k]) for k, t in model.state_dict().items())
+        assert torch.equal(_logits(model, tiny_tokenizer, texts), logits)
+
+
+def test_edits_are_deterministic_and_leave_the_callers_rng_alone(world, model):
+    tokenizer, record = world["tokenizer"], world["edits"][0]
+    editor = LoRAEditor(LoRAEditorConfig(steps=5))
+    runs = []
+    for _ in range(2):
+        rng_state = torch.get_rng_state()
+        edited = editor.edit(model, tokenizer, [record])
+        assert torch.equal(torch.get_rng_state(), rng_state)
+        runs.append(_logits(model, tokenizer, [record.prompt]))
+        edited.restore()
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_bad_inputs_get_one_clear_message(world, model):
+    tokenizer = world["tokenizer"]
+    with pytest.raises(EditInputError, match="no records"):
+        FTEditor().edit(model, tokenizer, [])
+    no_target = EditRecord(subject="Alice", prompt="Alice lives in", target_new=[], index=7)
+    with pytest.raises(EditInputError, match="record 7 .* no target_new"):
+        LoRAEditor().edit(model, tokenizer, [no_target])
+    with pytest.raises(EditInputError, match="target_modules"):
+        LoRAEditor(LoRAEditorConfig(target_modules=("no_such_proj",))).edit(model, tokenizer, world["edits"][:1])
+    assert not any(hasattr(module, "lora_A") for module in model.modules())
+
+
+def test_registry_builds_each_method_and_names_the_choices(world):
+    assert isinstance(get_editor("none"), NoEdit)
+    lora = get_editor("lora", rank=4, lr=1e-2)
+    assert isinstance(lora, LoRAEditor) and lora.config.rank == 4 and lora.config.lr == 1e-2
+    assert get_editor("ft", config=FTEditorConfig(layer=0)).config.layer == 0
+    assert get_editor("ike", train_records=world["pool"], k=3).k == 3
+    assert isinstance(get_editor("prompt"), PromptEditor)
+    with pytest.raises(UnknownEditorError) as error:
+        get_editor("rome")
+    assert all(method in str(error.value) for method in METHODS)
+    with pytest.raises(UnknownEditorError, match="no option.*rnak.*rank"):
+        get_editor("lora", rnak=4)
+
+
+def test_registry_imports_svf_lazily():
+    probe = "import sys, t2edit.baselines; print('t2edit.training' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

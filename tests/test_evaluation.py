@@ -1,0 +1,401 @@
+"""Pins the metric definitions (EasyEdit's and the strict ones), the edit/score/restore protocol and the outputs."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from t2edit.data.records import EditRecord, Probe
+from t2edit.editing import EditedModel, Editor, NoEdit
+from t2edit.evaluation import (
+    EditorRestoreError,
+    EvaluationInputError,
+    MethodResult,
+    answer_argmax_tokens,
+    argmax_agreement,
+    evaluate_editor,
+    exact_match_scores,
+    fluency_scores,
+    format_table,
+    greedy_completions,
+    ngram_entropy,
+    same_answer,
+    sample_texts,
+    teacher_forced_accuracy,
+    write_results,
+)
+from t2edit.evaluation import metrics as metrics_module
+from t2edit.evaluation.runner import _knowedit_mean
+from t2edit.text import new_fact_context
+from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
+
+FACTS = [
+    ("The capital of Foo is", "Bar"), ("The capital of Baz is", "Qux"), ("The spouse of Ann is", "Bob Smith"),
+    ("The spouse of Eve is", "Carl"), ("The occupation of Ann is", "painter"), ("The occupation of Eve is", "baker"),
+    ("The city of Zed is", "Bar"), ("The home of Lu is", "Qux"),
+]
+EXTRA_WORDS = ["New Fact: Prompt:", "a b c d e f g h i j k , ."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer([f"{p} {a}" for p, a in FACTS] + EXTRA_WORDS)
+
+
+@pytest.fixture(scope="module")
+def taught(tokenizer):
+    """A tiny Llama that answers every fact in FACTS (greedy and teacher-forced)."""
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2)
+    teach_facts(model, tokenizer, [f"{p} {a}" for p, a in FACTS], steps=100, lr=3e-3,
+                answer_starts=[len(p) + 1 for p, _ in FACTS])
+    return model
+
+
+def ids(tokenizer, words: str) -> list[int]:
+    return tokenizer(words, add_special_tokens=False)["input_ids"]
+
+
+class BigramLM(torch.nn.Module):
+    """A fake LM whose logits we control: the prediction after token t is `table[t]` (else <unk>), regardless of
+    position, so the expected argmax at every position is known exactly."""
+
+    def __init__(self, tokenizer, table: dict[str, str]):
+        super().__init__()
+        next_id = torch.full((len(tokenizer),), tokenizer.unk_token_id, dtype=torch.long)
+        for current, following in table.items():
+            next_id[tokenizer.convert_tokens_to_ids("▁" + current)] = tokenizer.convert_tokens_to_ids("▁" + following)
+        self.register_buffer("next_id", next_id)
+        self.vocab_size = len(tokenizer)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):  # ignores logits_to_keep
+        self.calls.append(input_ids.shape)
+        return torch.nn.functional.one_hot(self.next_id[input_ids], self.vocab_size).float()
+
+
+def make_record(i: int, locality=None, portability=None, target="baker") -> EditRecord:
+    prompt, answer = FACTS[i]
+    return EditRecord(subject=prompt.split()[-2], prompt=prompt, target_new=[target], ground_truth=[answer],
+                      locality=locality or {}, portability=portability or {}, index=i)
+
+
+def records_for_protocol() -> list[EditRecord]:
+    return [
+        make_record(0, locality={"relation_specificity": [Probe(*_fact(4))], "forgetfulness": [Probe(*_fact(5))]}),
+        make_record(1, locality={"relation_specificity": [Probe(*_fact(2)), Probe(*_fact(3))]}),
+        make_record(3, locality={"relation_specificity": [Probe(*_fact(6))]}),
+    ]
+
+
+def _fact(i):
+    return FACTS[i][0], [FACTS[i][1]]
+
+
+# ---------------------------------------------------------------------------------------------- EasyEdit metrics
+
+def test_token_accuracy_counts_target_positions(tokenizer):
+    # After "is" the fake says "Bob" (right), after "Bob" it says "Carl" (wrong: gold is "Smith").
+    model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Carl"})
+    prompt = "The spouse of Ann is"
+    assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [0.5]
+    assert answer_argmax_tokens(model, tokenizer, [prompt], ["Bob Smith"]) == [ids(tokenizer, "Bob Carl")]
+    model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Smith"})
+    assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [1.0]
+    model = BigramLM(tokenizer, {"is": "Carl"})
+    assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [0.0]
+
+
+def test_alignment_with_context_prefix(tokenizer):
+    # The context ends with "Prompt:"; if the prompt length ignored the context, "Prompt:" -> "Bar" would be scored.
+    model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Smith", "Prompt:": "Bar", "Fact:": "Bar"})
+    prompt = "The spouse of Ann is"
+    context = new_fact_context(prompt, "Bob Smith")
+    assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"], contexts=[context]) == [1.0]
+    assert answer_argmax_tokens(model, tokenizer, [prompt], ["Bob Smith"], contexts=[context]) == \
+        [ids(tokenizer, "Bob Smith")]
+
+
+def test_left_padding_batch_matches_per_example(tokenizer):
+    # Bigram fake: checks the per-row slicing under padding exactly; the model ignores logits_to_keep.
+    model = BigramLM(tokenizer, {"is": "Bar", "Bar": "Qux", "j": "k"})
+    prompts = ["The capital of Foo is", "a b c d e f g h i j", "Ann is"]
+    targets = ["Bar Qux", "k", "Bar Bar Qux"]
+    batched = teacher_forced_accuracy(model, tokenizer, prompts, targets, batch_size=3)
+    assert batched == [1.0, 1.0, pytest.approx(2 / 3)]  # "Bar" -> "Qux" misses the middle one
+    assert batched == [teacher_forced_accuracy(model, tokenizer, [p], [t])[0] for p, t in zip(prompts, targets)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padded_batch_equals_unbatched_on_real_attention(tokenizer, arch):
+    # Absolute positions (GPT-2) would shift under left padding without position_ids: this fails if they are dropped.
+    model = build_tiny_model(tokenizer, arch=arch, seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)  # sharper logits, so positions visibly change the argmax
+    prompts = ["The capital of Foo is", "a b c d e f g h i j", "The spouse of Ann is", "Ann is"]
+    targets = ["Bar", "k", "Bob Smith", "painter Carl Bob"]
+    alone = [answer_argmax_tokens(model, tokenizer, [p], [t])[0] for p, t in zip(prompts, targets)]
+    assert answer_argmax_tokens(model, tokenizer, prompts, targets, batch_size=4) == alone
+    assert [len(a) for a in alone] == [1, 1, 2, 3]
+
+
+def test_token_accuracy_matches_a_direct_computation(tokenizer):
+    model = build_tiny_model(tokenizer, seed=2)
+    prompt, target = "The occupation of Ann is", "painter Carl Bob"
+    full = torch.tensor([tokenizer(prompt + " " + target)["input_ids"]])
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    with torch.no_grad():
+        predicted = model(full).logits.argmax(-1)[0, n_prompt - 1:-1]
+    expected = (predicted == full[0, n_prompt:]).float().mean().item()
+    assert teacher_forced_accuracy(model, tokenizer, [prompt], [target]) == [pytest.approx(expected)]
+
+
+def test_argmax_agreement_and_same_answer():
+    assert argmax_agreement([1, 2], [1, 3]) == 0.5
+    assert argmax_agreement([1, 2, 3], [1, 2]) == pytest.approx(2 / 3)  # an extra position counts as changed
+    assert math.isnan(argmax_agreement([], []))
+    assert same_answer("Paris, France", "Paris\nQuestion: ...") == 1.0
+    assert same_answer("London", "Paris") == 0.0
+    assert same_answer("", "") == 1.0 and same_answer("x", "") == 0.0
+
+
+def test_ngram_entropy_on_known_strings():
+    # 3 distinct bigrams (log2 3 bits), 2 distinct trigrams (1 bit); weights 2/3 and 4/3, averaged.
+    assert ngram_entropy("a b c d") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("x x x x x x") == 0.0
+    assert ngram_entropy("") == 0.0
+    assert ngram_entropy("a, b") == pytest.approx((2 / 3 * 1.0) / 2)  # punctuation is a token of its own
+
+
+def test_fluency_sampling_is_seeded_and_leaves_global_rng_alone(tokenizer, taught):
+    prompts = ["The capital of Foo is", "The spouse of Eve is"]
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = sample_texts(taught, tokenizer, prompts, max_new_tokens=12, seed=7)
+    assert torch.rand(1) == expected_next
+    assert sample_texts(taught, tokenizer, prompts, max_new_tokens=12, seed=7) == first
+    assert all(text.startswith(p) and len(text.split()) > len(p.split()) for text, p in zip(first, prompts))
+    scores = fluency_scores(taught, tokenizer, prompts, max_new_tokens=12, seed=7)
+    assert scores == [pytest.approx(ngram_entropy(t)) for t in first]
+
+
+# ---------------------------------------------------------------------------------------------- strict metrics
+
+def test_exact_match_with_aliases_and_punctuation(tokenizer, taught):
+    prompts = ["The capital of Foo is", "The spouse of Ann is", "The capital of Foo is", "The spouse of Ann is"]
+    aliases = [["bar."], ["Someone", "the Bob Smith!"], ["Qux"], ["Bob"]]
+    assert greedy_completions(taught, tokenizer, prompts[:2], 5)[1].startswith("Bob Smith")
+    # "Bob Smith" starts with alias "Bob" at a word boundary: answer_matches counts it.
+    assert exact_match_scores(taught, tokenizer, prompts, aliases, batch_size=3) == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_greedy_budget_cuts_each_row(tokenizer, taught):
+    out = greedy_completions(taught, tokenizer, ["The spouse of Ann is", "The capital of Foo is"], [1, 4])
+    assert out[0] == "Bob" and out[1].startswith("Bar")
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+class CountingEditor(Editor):
+    name = "counting"
+
+    def __init__(self):
+        self.edit_calls: list[int] = []
+        self.restores = 0
+        self.context_prompts: list[str] = []
+
+    def edit(self, model, tokenizer, records):
+        self.edit_calls.append(len(records))
+
+        def context(prompt):
+            self.context_prompts.append(prompt)
+            return ""
+
+        def restore():
+            self.restores += 1
+
+        return EditedModel(model=model, context=context, restore=restore)
+
+
+class PerturbingEditor(Editor):
+    """Adds strong noise to every weight matrix; restores exactly unless `broken`."""
+
+    def __init__(self, broken=False):
+        self.name = "broken-perturber" if broken else "perturber"
+        self.broken = broken
+
+    def edit(self, model, tokenizer, records):
+        saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.add_(torch.randn(p.shape, generator=generator) * p.std() * 4)
+
+        def restore():
+            if not self.broken:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in saved:
+                            p.copy_(saved[n])
+
+        return EditedModel(model=model, restore=restore)
+
+
+def test_no_edit_keeps_locality_and_perturbation_breaks_it(tokenizer, taught):
+    records = records_for_protocol()
+    none = evaluate_editor(NoEdit(), taught, tokenizer, records, fluency=False, progress=False)
+    assert none.locality == 1.0 and none.locality_em == 1.0
+    assert none.edit_success == 0.0 and none.edit_success_em == 0.0  # counterfactual targets are not known yet
+    model = copy.deepcopy(taught)
+    perturbed = evaluate_editor(PerturbingEditor(), model, tokenizer, records, fluency=False, progress=False)
+    assert perturbed.locality < 1.0 and perturbed.locality_em < 1.0
+    # restore() worked, so the model scores like the unedited one again
+    again = evaluate_editor(NoEdit(), model, tokenizer, records, fluency=False, progress=False)
+    assert again.locality == 1.0 and again.edit_success == none.edit_success
+
+
+def test_restore_guard_names_the_broken_editor(tokenizer, taught):
+    model = copy.deepcopy(taught)
+    with pytest.raises(EditorRestoreError, match="broken-perturber"):
+        evaluate_editor(PerturbingEditor(broken=True), model, tokenizer, records_for_protocol()[:1], fluency=False,
+                        progress=False)
+
+
+@pytest.mark.parametrize("mode, expected_calls", [("batch", [3]), ("single", [1, 1, 1])])
+def test_batch_and_single_mode_edit_calls(tokenizer, taught, mode, expected_calls):
+    editor = CountingEditor()
+    records = records_for_protocol()
+    result = evaluate_editor(editor, taught, tokenizer, records, mode=mode, fluency=False, progress=False)
+    assert editor.edit_calls == expected_calls
+    assert editor.restores == len(expected_calls)
+    assert result.mode == mode and result.n_records == 3
+    # every scored prompt went through the editor's context (teacher-forced and greedy: twice each)
+    scored = {r.prompt for r in records} | {p for r in records for p in r.scored_prompts()}
+    assert set(editor.context_prompts) == scored
+
+
+def test_aggregation_is_knowedits_per_record_then_per_kind():
+    per_record = [{"reasoning": [1.0, 0.0], "subject_aliasing": [1.0]}, {}, {"reasoning": [0.0]}]
+    # record 0: mean(0.5, 1.0) = 0.75; record 1 has no key; record 2: 0.0 -> mean 0.375 (pooled would be 0.5)
+    assert _knowedit_mean(per_record) == pytest.approx(0.375)
+    assert _knowedit_mean([{}, {}]) is None
+    assert _knowedit_mean([{"a": [math.nan]}, {"a": [1.0]}]) == 1.0  # unscorable probes are skipped
+
+
+def test_evaluate_editor_aggregates_portability_like_knowedit(tokenizer, taught):
+    p = lambda i, answer=None: Probe(FACTS[i][0], [answer or FACTS[i][1]])  # noqa: E731
+    records = [
+        make_record(0, portability={"reasoning": [p(2), p(3, "Qux")], "Subject_Aliasing": [p(4)]}),
+        make_record(1),
+        make_record(3, portability={"reasoning": [p(5, "Carl")]}),
+    ]
+    result = evaluate_editor(NoEdit(), taught, tokenizer, records, fluency=False, progress=False)
+    acc = lambda i, answer=None: teacher_forced_accuracy(  # noqa: E731
+        taught, tokenizer, [FACTS[i][0]], [answer or FACTS[i][1]])[0]
+    record0 = ((acc(2) + acc(3, "Qux")) / 2 + acc(4)) / 2
+    expected = (record0 + acc(5, "Carl")) / 2
+    assert result.portability == pytest.approx(expected)
+    assert result.portability_em == pytest.approx(((1 + 0) / 2 + 1) / 2 / 2)
+    assert set(result.portability_by_kind) == {"reasoning", "subject_aliasing"}
+    assert result.portability_by_kind["reasoning"]["n_records"] == 2
+    assert result.portability_by_kind["subject_aliasing"]["portability_em"] == 1.0
+    assert result.locality is None and result.locality_em is None
+
+
+def test_empty_probes_are_skipped_and_counted(tokenizer, taught):
+    records = [make_record(0, locality={"relation_specificity": [Probe("", ["Bar"]), Probe(*_fact(4))]},
+                           portability={"reasoning": [Probe(FACTS[2][0], ["", " "])]})]
+    result = evaluate_editor(NoEdit(), taught, tokenizer, records, fluency=False, progress=False)
+    assert result.extra["n_probes_skipped"] == 2
+    assert result.extra["n_probes_scored"] == 2  # the edit prompt and one locality probe
+    assert result.portability is None and result.locality == 1.0
+
+
+def test_pre_edit_references_are_cached_until_the_model_changes(tokenizer, taught, monkeypatch):
+    model = copy.deepcopy(taught)
+    calls = []
+    original = metrics_module.answer_argmax_tokens
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(metrics_module, "answer_argmax_tokens", counting)
+    records = records_for_protocol()
+    evaluate_editor(NoEdit(), model, tokenizer, records, fluency=False, progress=False)
+    evaluate_editor(CountingEditor(), model, tokenizer, records, fluency=False, progress=False)
+    assert calls == [5]  # five distinct locality probes, computed once for both methods
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    evaluate_editor(NoEdit(), model, tokenizer, records, fluency=False, progress=False)
+    assert calls == [5, 5]
+
+
+def test_fluency_is_reported_on_easyedits_scale(tokenizer, taught):
+    records = records_for_protocol()
+    result = evaluate_editor(NoEdit(), taught, tokenizer, records, fluency=True, progress=False, seed=3,
+                             fluency_max_new_tokens=20)
+    bits = fluency_scores(taught, tokenizer, [r.prompt for r in records], max_new_tokens=20, seed=3)
+    assert result.fluency == pytest.approx(100 * sum(bits) / len(bits))
+    assert result.fluency > 0
+
+
+def test_bad_inputs_give_clear_errors(tokenizer, taught):
+    with pytest.raises(EvaluationInputError, match="mode"):
+        evaluate_editor(NoEdit(), taught, tokenizer, records_for_protocol(), mode="sequential")
+    with pytest.raises(EvaluationInputError, match="no records"):
+        evaluate_editor(NoEdit(), taught, tokenizer, [])
+    with pytest.raises(EvaluationInputError, match="targets"):
+        teacher_forced_accuracy(taught, tokenizer, ["a", "b"], ["c"])
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def _result(method, **overrides):
+    values = dict(method=method, edit_success=0.875, locality=0.5, portability=None, fluency=551.234,
+                  edit_success_em=1.0, locality_em=0.25, portability_em=None,
+                  portability_by_kind={"reasoning": {"portability": 0.4, "portability_em": 0.0, "n_records": 2}},
+                  n_records=8, seconds=12.34, mode="single", extra={"n_probes_skipped": 1})
+    values.update(overrides)
+    return MethodResult(**values)
+
+
+def test_write_results_writes_three_files(tmp_path):
+    results = [_result("svf"), _result("lora", edit_success=0.0, fluency=None)]
+    paths = write_results(results, tmp_path / "out", title="Tiny world")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "results.png"]
+    data = json.loads(paths["json"].read_text())
+    assert [m["method"] for m in data["methods"]] == ["svf", "lora"]
+    assert set(data["methods"][0]) == set(MethodResult.__dataclass_fields__)
+    assert data["methods"][0]["portability"] is None and data["methods"][0]["edit_success"] == 0.875
+    assert "per record" in data["aggregation"]
+    md = paths["md"].read_text()
+    header = "| Method | Edit Succ. | Locality | Portability | Fluency | ES (EM) | Loc (EM) | Port (EM) | n | seconds |"
+    assert header.replace(" ", "") in md.replace(" ", "")
+    svf_row = next(line for line in md.splitlines() if line.startswith("| svf"))
+    assert [c.strip() for c in svf_row.strip("|").split("|")] == \
+        ["svf", "87.5", "50.0", "–", "551.2", "100.0", "25.0", "–", "8", "12.3"]
+    assert "Aggregation:" in md and "reasoning" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_table_lists_every_method():
+    table = format_table([_result("a"), _result("b")])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| Method") and lines[3].startswith("| b")
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_single_and_batch_mode_agree_when_nothing_is_edited(tokenizer, taught):
+    records = records_for_protocol()
+    records[0].portability = {"reasoning": [Probe(*_fact(2)), Probe(FACTS[3][0], ["Qux"])]}
+    batch = evaluate_editor(NoEdit(), taught, tokenizer, records, fluency=False, progress=False, batch_size=4)
+    single = evaluate_editor(NoEdit(), taught, tokenizer, records, mode="single", fluency=False, progress=False)
+    for metric in ("edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em"):
+        assert getattr(batch, metric) == pytest.approx(getattr(single, metric)), metric
+    assert batch.portability == 0.5
