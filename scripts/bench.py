@@ -1,0 +1,101 @@
+"""Speed benchmarks, measured side by side in one run; prints a table and writes JSON.
+
+    python scripts/bench.py [--hidden 1024 --intermediate 4096 --layers 4] [--out bench.json]
+
+* svd_cache: apply_svf with a cold SVD cache (decompose + write) vs a warm one (read + verify).
+* forward: an SVF model's forward (weight recomposed once per z change) vs the base model's forward.
+* train_step: forward + backward to z (factored gradient) vs the same through the base model's full weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+
+def _timed(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=512, help="batch of 4 sequences of tokens/4")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from t2edit.svf import SVFConfig, apply_svf
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=16,
+                         vocab_size=1024)
+    model = LlamaForCausalLM(config).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    ids = torch.randint(0, 1024, (4, args.tokens // 4), device=device)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        svf_config = SVFConfig(svd_cache_dir=cache)
+        cold = _timed(lambda: apply_svf(model, svf_config, progress=False).unload(), repeat=1)
+        warm = _timed(lambda: apply_svf(model, svf_config, progress=False).unload(), repeat=3)
+        rows.append(("svd_cache", "decompose (cold)", cold, "load (warm)", warm))
+
+        with torch.no_grad():
+            base_fwd = _timed(lambda: model(ids))
+            svf = apply_svf(model, svf_config, progress=False)
+            svf(ids)  # builds W' once
+            svf_fwd = _timed(lambda: svf(ids))
+        rows.append(("forward", "base", base_fwd, "SVF (cached W')", svf_fwd))
+
+        optimizer = torch.optim.Adam(svf.z_parameters(), lr=1e-3)
+
+        def svf_step():
+            loss = svf(ids, labels=ids).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        svf_train = _timed(svf_step)
+        base = svf.unload()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        mlp_weights = [m.weight for n, m in base.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+        for w in mlp_weights:
+            w.requires_grad_(True)
+
+        def full_step():
+            loss = base(ids, labels=ids).loss
+            base.zero_grad()
+            loss.backward()
+
+        full_train = _timed(full_step)
+        rows.append(("train_step", "full MLP weight grads", full_train, "SVF z grads + step", svf_train))
+
+    print(f"device: {device}, Llama hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
+          f"{args.tokens} tokens")
+    print(f"{'benchmark':<12} {'reference':<24} {'s':>8} {'candidate':<22} {'s':>8} {'ratio':>7}")
+    results = []
+    for name, ref_name, ref, cand_name, cand in rows:
+        print(f"{name:<12} {ref_name:<24} {ref:8.3f} {cand_name:<22} {cand:8.3f} {ref / cand:7.1f}x")
+        results.append({"benchmark": name, "reference": ref_name, "reference_s": ref, "candidate": cand_name,
+                        "candidate_s": cand, "speedup": ref / cand})
+    with open(args.out, "w") as handle:
+        json.dump({"device": device, "args": vars(args), "results": results}, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

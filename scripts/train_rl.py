@@ -1,0 +1,17 @@
+"""Train one SVF expert with REINFORCE.
+
+    accelerate launch --num_processes 1 --mixed_precision no scripts/train_rl.py --config configs/demo.yaml
+    accelerate launch scripts/train_rl.py --config configs/knowedit_llama3.2-1b.yaml --resume
+
+Any config key can be overridden on the command line (--steps 50, --rewards '{"exact_match": 1.0}').
+"""
+import sys
+
+from t2edit.training import main
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"train_rl.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

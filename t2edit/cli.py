@@ -1,0 +1,96 @@
+"""The `t2edit` command: `demo`, `world build`, `train`, `eval`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    known = {"none", "svf", "lora", "ft", "ike", "prompt"}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {sorted(known)}")
+    return methods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2edit", description="Edit facts in LLMs with SVF experts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the whole story on the built-in fact world, on CPU (a few minutes)")
+    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--n-edits", type=int, default=50, help="edits in the one SVF expert (default: 50)")
+    demo.add_argument("--steps", type=int, default=None, help="REINFORCE steps (default: the config's)")
+
+    world = sub.add_parser("world", help="fact worlds: tiny LMs pretrained on a KnowEdit-format file")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    build = world_sub.add_parser("build", help="pretrain (or load from cache) the world model of a data file")
+    build.add_argument("--data", default="builtin", help="KnowEdit-format JSON file, or 'builtin'")
+    build.add_argument("--out", default=None, help="output directory (default: the cache)")
+    build.add_argument("--limit", type=int, default=None, help="use the first N records")
+    build.add_argument("--force", action="store_true", help="rebuild even if a cached world matches")
+    build.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+
+    train = sub.add_parser("train", help="train one SVF expert (same as scripts/train_rl.py)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+
+    evaluate = sub.add_parser("eval", help="score editing methods: Edit Succ. / Locality / Portability / Fluency")
+    evaluate.add_argument("--model", default=None,
+                          help="world directory or transformers model (default: the world of --data)")
+    evaluate.add_argument("--data", default="builtin", help="KnowEdit / CounterFact / ZsRE file, or 'builtin'")
+    evaluate.add_argument("--method", type=_methods, default=["none"],
+                          help="comma-separated: none,svf,lora,ft,ike,prompt")
+    evaluate.add_argument("--expert", default=None, help="trained expert directory for --method svf")
+    evaluate.add_argument("--n", type=int, default=None, help="number of records to edit (default: all)")
+    evaluate.add_argument("--start", type=int, default=0, help="index of the first edited record")
+    evaluate.add_argument("--mode", choices=["batch", "single"], default="batch",
+                          help="batch: all edits at once; single: edit, score, restore per record")
+    evaluate.add_argument("--no-fluency", action="store_true", help="skip the fluency generations")
+    evaluate.add_argument("--out", default="runs/eval", help="output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from t2edit.jobs import run_demo
+
+            run_demo(args.out, n_edits=args.n_edits, steps=args.steps)
+        elif args.command == "world":
+            _world_build(args)
+        elif args.command == "train":
+            from t2edit.training import main as train_main
+
+            train_main(args.args)
+        elif args.command == "eval":
+            from t2edit.jobs import load_setup, run_eval
+
+            setup = load_setup(args.model, args.data, args.start, args.n)
+            run_eval(setup, args.method, args.out, expert_dir=args.expert, mode=args.mode,
+                     fluency=not args.no_fluency)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        print(f"t2edit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _world_build(args):
+    import json
+
+    from t2edit.data.world import build_world
+
+    world = build_world(args.data, args.out, limit=args.limit, force=args.force, skip_bad=args.skip_bad)
+    report = world.report
+    print(f"world: {world.path}")
+    print(f"records: {report.get('records')}  facts: {report.get('facts')}  parameters: {report.get('parameters')}")
+    print("pre-edit recall: " + json.dumps(report.get("pre_edit_recall")))
+    print("in-context: " + json.dumps(report.get("in_context")))
+    print(f"built in {report.get('seconds')} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

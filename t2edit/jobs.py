@@ -1,0 +1,164 @@
+"""The jobs the command line runs: train an expert, evaluate methods, and the demo that does both end to end.
+
+Data flows one way: data (a file, or a fact world built from it) → editor (SVF trainer or a baseline) →
+expert / edited model → evaluation → table.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from t2edit.data.records import EditRecord
+
+
+@dataclass
+class EditingSetup:
+    """A model to edit, the records to edit, and the other facts an editor may learn from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    edits: list[EditRecord]
+    other_records: list[EditRecord]  # not edited: IKE demonstrations, SVF neighbours
+    extra_neighbour_prompts: list[str]  # a world's other facts
+    model_name: str
+    world_report: dict | None = None
+
+
+def is_world_dir(path) -> bool:
+    return path is not None and (Path(path) / "world.json").exists()
+
+
+def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None = None,
+               progress: bool = True) -> EditingSetup:
+    """`model` None or a world directory → the fact world of `data` (built and cached if needed); otherwise a
+    transformers model name/path with records from `data`."""
+    from t2edit.data.loaders import load_records
+    from t2edit.data.world import build_world, load_world, world_facts
+
+    world = None
+    if model is None:
+        world = build_world(data, progress=progress)
+    elif is_world_dir(model):
+        world = load_world(model)
+    if world is not None:
+        records = world.records
+        facts = world_facts(records, seed=world.report.get("seed", 0)).facts
+        extra = [f.prompt for f in facts]
+        net, tokenizer, name, report = world.model, world.tokenizer, str(world.path or "world"), world.report
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        records = load_records(data)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        except OSError as error:
+            raise FileNotFoundError(f"cannot load model {model!r} ({error}); pass a local model directory, a "
+                                    f"world directory from `t2edit world build`, or a hub name on a machine "
+                                    f"with internet") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # EasyEdit does the same for Llama-family tokenizers
+        tokenizer.padding_side = "left"
+        extra, name, report = [], model, None
+        if torch.cuda.is_available():
+            net = net.cuda()
+    end = len(records) if n_edits is None else start + n_edits
+    edits = records[start:end]
+    if not edits:
+        raise ValueError(f"no records selected from {data} (start={start}, n={n_edits}, {len(records)} records)")
+    others = records[:start] + records[end:]
+    net.eval()
+    return EditingSetup(net, tokenizer, edits, others, extra, name, report)
+
+
+def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,
+                output_dir: str = "runs/eval"):
+    from t2edit.baselines import get_editor
+
+    if method == "svf":
+        from t2edit.training import SVFEditor, TrainConfig
+
+        config = train_config or TrainConfig(output_dir=str(Path(output_dir) / "svf"))
+        return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
+                         neighbour_prompts=setup.extra_neighbour_prompts)
+    if method == "ike":
+        return get_editor("ike", train_records=setup.other_records)
+    return get_editor(method)
+
+
+def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: str | None = None,
+             mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True):
+    from t2edit.evaluation import evaluate_editor, format_table, write_results
+
+    results = []
+    for method in methods:
+        editor = make_editor(method, setup, expert_dir, train_config, out_dir)
+        print(f"[t2edit] evaluating {method} on {len(setup.edits)} edits ({mode} mode)", flush=True)
+        result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
+                                 progress=progress)
+        results.append(result)
+    write_results(results, out_dir, title=title or f"{setup.model_name}: {len(setup.edits)} edits, {mode} mode")
+    print(format_table(results))
+    print(f"[t2edit] wrote {out_dir}/results.json, results.md, results.png")
+    return results
+
+
+def run_training(config, accelerator=None):
+    """Train one SVF expert as `config` says; returns the Expert (also saved to output_dir/expert)."""
+    from t2edit.svf import apply_svf
+    from t2edit.training import SVFTrainer, neighbour_candidates
+
+    setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress)
+    if accelerator is not None:
+        setup.model.to(accelerator.device)
+    others = list(setup.other_records)
+    if config.neighbour_data:
+        from t2edit.data.loaders import load_records
+
+        others += load_records(config.neighbour_data)
+    pool = neighbour_candidates(setup.edits, others, setup.extra_neighbour_prompts)
+    model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
+    rollouts = None
+    if config.rollout_backend == "vllm":
+        from t2edit.rollouts import VLLMRollouts
+
+        rollouts = VLLMRollouts(model, setup.tokenizer, base_url=config.vllm_server_url)
+    elif config.rollout_backend != "transformers":
+        raise ValueError(f"rollout_backend={config.rollout_backend!r}; choose transformers or vllm")
+    trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool, config, rollouts=rollouts,
+                         accelerator=accelerator)
+    expert = trainer.train()
+    return expert, setup
+
+
+def run_demo(out_dir: str = "runs/demo", n_edits: int = 50, steps: int | None = None,
+             methods=("none", "svf", "lora", "ft", "ike", "prompt"), progress: bool = True):
+    """The whole story on the built-in world, on CPU: world → SVF expert → evaluation next to the baselines."""
+    from t2edit.training import TrainConfig
+
+    started = time.time()
+    torch.manual_seed(0)
+    # TrainConfig's defaults are the demo's settings (configs/demo.yaml spells the same run out for train_rl.py).
+    config = TrainConfig(output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress)
+    if steps is not None:
+        config.steps = steps
+    config.resume = (Path(config.output_dir) / "checkpoint.pt").exists()
+    print(f"[t2edit] 1/3 fact world ({config.data})", flush=True)
+    print(f"[t2edit] 2/3 training one SVF expert for {n_edits} edits ({config.steps} REINFORCE steps)", flush=True)
+    expert, setup = run_training(config)
+    if setup.world_report:
+        recall = setup.world_report.get("pre_edit_recall", {})
+        print("[t2edit] world pre-edit recall: " + json.dumps(recall), flush=True)
+    expert_dir = str(Path(config.output_dir) / "expert")
+    print("[t2edit] 3/3 evaluating SVF next to the unedited model and the baselines", flush=True)
+    results = run_eval(setup, list(methods), out_dir, expert_dir=expert_dir, mode="batch", progress=progress,
+                       title=f"Built-in fact world, {len(setup.edits)} edits in one batch")
+    print(f"[t2edit] demo finished in {time.time() - started:.0f} s", flush=True)
+    return results
+
+
+__all__ = ["EditingSetup", "load_setup", "make_editor", "run_eval", "run_training", "run_demo"]

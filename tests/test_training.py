@@ -1,0 +1,190 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2edit.data.records import EditRecord, Probe
+from t2edit.svf import apply_svf
+from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
+from t2edit.training import (SVFTrainer, TrainConfig, forbidden_prompts, group_advantages, model_bypassed,
+                             neighbour_candidates, parse_train_config)
+
+FACTS = {
+    "The city of Ann is": "Rome", "The city of Bob is": "Oslo", "The city of Cy is": "Lima",
+    "The city of Dee is": "Rome", "The city of Eve is": "Oslo", "The job of Ann is": "cook",
+    "The job of Bob is": "poet", "The job of Cy is": "cook", "The job of Dee is": "poet",
+    "The job of Eve is": "cook", "The pet of Ann is": "cat", "The pet of Bob is": "dog",
+}
+
+
+def tiny_edits():
+    """Two edits whose targets the world already answers elsewhere; neighbours from other facts."""
+    edits = [
+        EditRecord("Ann", "The city of Ann is", ["Oslo"], ["Rome"],
+                   locality={"relation_specificity": [Probe("The job of Ann is", ["cook"])]},
+                   portability={"subject_aliasing": [Probe("The pet of Ann is", ["cat"])]}),
+        EditRecord("Bob", "The city of Bob is", ["Lima"], ["Oslo"],
+                   locality={"relation_specificity": [Probe("The job of Bob is", ["poet"])]}),
+    ]
+    others = [EditRecord("Cy", "The city of Cy is", ["Rome"], ["Lima"],
+                         locality={"relation_specificity": [Probe("The job of Cy is", ["cook"])]})]
+    pool = neighbour_candidates(edits, others, extra_prompts=list(FACTS))
+    return edits, pool
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    torch.manual_seed(0)
+    texts = [f"{p} {a}" for p, a in FACTS.items()]
+    tokenizer = build_tiny_tokenizer(texts)
+    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2)
+    teach_facts(model, tokenizer, texts, steps=150, answer_starts=[len(p) + 1 for p in FACTS])
+    path = tmp_path_factory.mktemp("world")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    assert torch.allclose(group_advantages(rewards, groups, "group_mean"),
+                          torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0]))
+    assert torch.allclose(group_advantages(rewards, groups, "leave_one_out"),
+                          torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0]))
+    assert torch.equal(group_advantages(rewards, groups, "none"), rewards)
+    with pytest.raises(ValueError, match="baseline"):
+        group_advantages(rewards, groups, "median")
+
+
+def test_neighbour_pool_never_holds_scored_prompts():
+    edits, pool = tiny_edits()
+    blocked = forbidden_prompts(edits)
+    assert {"The job of Ann is", "The pet of Ann is", "The job of Bob is"} <= blocked
+    assert not blocked & set(pool)
+    assert not {e.prompt for e in edits} & set(pool)
+    assert "The job of Cy is" in pool and "The city of Cy is" in pool
+
+
+def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world, tmp_path):
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, learning_rate=0.05, edits_per_step=2,
+                         neighbours_per_step=4, group_size=4, save_every=0, eval_every=20, progress=False)
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    trainer = SVFTrainer(svf, tokenizer, edits, pool, config)
+    sampled_prompts = []
+    sample = trainer.rollouts.sample
+    trainer.rollouts.sample = lambda prompts, *a: sampled_prompts.extend(prompts) or sample(prompts, *a)
+    assert trainer.edit_success_greedy() == 0.0
+    expert = trainer.train()
+    assert trainer.edit_success_greedy() == 1.0
+    assert not forbidden_prompts(edits) & (set(sampled_prompts) | trainer.seen_prompts)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"reward/exact_match", "reward/locality", "z/mean", "grad_norm"} <= set(rows[0])
+    assert rows[-1]["edit_success_greedy"] == 1.0
+    assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "expert" / "expert.safetensors").exists()
+    assert expert.info["edits"] == 2
+
+
+def test_unguided_exact_match_gets_no_signal(tiny_world, tmp_path):
+    """The sparse-reward problem: without the guide, no sampled answer is the target, so z never moves."""
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=5, learning_rate=0.05, guided=False,
+                         edits_per_step=2, neighbours_per_step=0, group_size=4, save_every=0, eval_every=0,
+                         progress=False, rewards={"exact_match": 1.0})
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    before = svf.get_z()
+    SVFTrainer(svf, tokenizer, edits, pool, config).train()
+    after = svf.get_z()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_kl_is_zero_at_the_unedited_model(tiny_world):
+    from t2edit.training import sequence_logprobs
+
+    model, tokenizer = _load(tiny_world)
+    svf = apply_svf(model, progress=False)
+    ids = [tokenizer(" Oslo", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    logp, kl = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
+    assert abs(kl.item()) < 1e-5
+    with torch.no_grad():
+        for z in svf.z_parameters():
+            z.add_(torch.randn_like(z))
+    _, kl = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
+    assert kl.item() > 1e-4
+    with model_bypassed(svf):
+        _, kl_bypassed = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
+    assert abs(kl_bypassed.item()) < 1e-6
+
+
+def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=2, save_every=1, eval_every=0, progress=False)
+    SVFTrainer(apply_svf(model, config.svf_config(), progress=False), tokenizer, edits, pool, config).train()
+    model, tokenizer = _load(tiny_world)
+    with pytest.raises(FileExistsError, match="--resume"):
+        SVFTrainer(apply_svf(model, config.svf_config(), progress=False), tokenizer, edits, pool, config).train()
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("steps: 7\nlearning_rate: 0.5\nrewards:\n  exact_match: 2.0\n")
+    config = parse_train_config(["--config", str(config_file), "--steps", "9"])
+    assert (config.steps, config.learning_rate, config.rewards) == (9, 0.5, {"exact_match": 2.0})
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        parse_train_config(["--config", str(tmp_path / "missing.yaml")])
+
+
+def _worker(world, out, steps, mode, delay):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.Popen([sys.executable, "-m", "tests._resume_worker", str(world), str(out), str(steps), mode,
+                             str(delay)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_z(tiny_world, tmp_path):
+    steps = 10
+    reference = _worker(tiny_world, tmp_path / "straight", steps, "fresh", 0.0)
+    assert reference.wait(timeout=300) == 0, reference.stdout.read().decode()[-2000:]
+
+    killed = _worker(tiny_world, tmp_path / "killed", steps, "fresh", 0.5)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 4:
+            break
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    step_at_kill = torch.load(checkpoint, weights_only=True)["step"]
+    assert 4 <= step_at_kill < steps
+    assert not (tmp_path / "killed" / "expert").exists()
+
+    resumed = _worker(tiny_world, tmp_path / "killed", steps, "resume", 0.0)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()[-2000:]
+    z_straight = load_file(tmp_path / "straight" / "expert" / "expert.safetensors")
+    z_resumed = load_file(tmp_path / "killed" / "expert" / "expert.safetensors")
+    diff = max((z_straight[k] - z_resumed[k]).abs().max().item() for k in z_straight)
+    assert diff <= 1e-6, diff
+    assert max((z_straight[k] - 0.1).abs().max().item() for k in z_straight) > 1e-3  # z actually trained
+    logged = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
