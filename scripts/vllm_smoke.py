@@ -23,6 +23,8 @@ def main():
     parser.add_argument("--server", default="http://localhost:8000")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
     svf = apply_svf(model, SVFConfig(z_init_noise=0.3))
     rollouts = VLLMRollouts(svf, tokenizer, base_url=args.server)

@@ -18,7 +18,7 @@ def main(world_dir: str, output_dir: str, steps: int, resume: bool, step_delay: 
     tokenizer = AutoTokenizer.from_pretrained(world_dir)
     tokenizer.padding_side = "left"
     edits, neighbours = tiny_edits()
-    config = TrainConfig(output_dir=output_dir, steps=steps, save_every=2, eval_every=0, learning_rate=0.05,
+    config = TrainConfig(output_dir=output_dir, steps=steps, save_every=2, eval_every=0, 
                          edits_per_step=2, neighbours_per_step=2, group_size=3, resume=resume, progress=False,
                          kl_coef=0.1)
     svf = apply_svf(model, config.svf_config(), progress=False)

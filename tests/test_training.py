@@ -84,7 +84,7 @@ def test_neighbour_pool_never_holds_scored_prompts():
 def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world, tmp_path):
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()
-    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, learning_rate=0.05, edits_per_step=2,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2,
                          neighbours_per_step=4, group_size=4, save_every=0, eval_every=20, progress=False)
     svf = apply_svf(model, config.svf_config(), progress=False)
     trainer = SVFTrainer(svf, tokenizer, edits, pool, config)
@@ -107,7 +107,7 @@ def test_unguided_exact_match_gets_no_signal(tiny_world, tmp_path):
     """The sparse-reward problem: without the guide, no sampled answer is the target, so z never moves."""
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()
-    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=5, learning_rate=0.05, guided=False,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=5, guided=False, kl_coef=0.0,
                          edits_per_step=2, neighbours_per_step=0, group_size=4, save_every=0, eval_every=0,
                          progress=False, rewards={"exact_match": 1.0})
     svf = apply_svf(model, config.svf_config(), progress=False)
@@ -123,16 +123,18 @@ def test_kl_is_zero_at_the_unedited_model(tiny_world):
     model, tokenizer = _load(tiny_world)
     svf = apply_svf(model, progress=False)
     ids = [tokenizer(" Oslo", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
-    logp, kl = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
-    assert abs(kl.item()) < 1e-5
+    rows = torch.tensor([True, False])
+    prompts = ["The city of Ann is"] * 2
+    logp, kl = sequence_logprobs(svf, tokenizer, prompts, ids * 2, kl_rows=rows)
+    assert abs(kl[0].item()) < 1e-5 and kl[1].item() == 0.0
     with torch.no_grad():
         for z in svf.z_parameters():
             z.add_(torch.randn_like(z))
-    _, kl = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
-    assert kl.item() > 1e-4
+    _, kl = sequence_logprobs(svf, tokenizer, prompts, ids * 2, kl_rows=rows)
+    assert kl[0].item() > 1e-4 and kl[1].item() == 0.0  # only the marked (neighbour) row is anchored
     with model_bypassed(svf):
-        _, kl_bypassed = sequence_logprobs(svf, tokenizer, ["The city of Ann is"], ids, with_kl=True)
-    assert abs(kl_bypassed.item()) < 1e-6
+        _, kl_bypassed = sequence_logprobs(svf, tokenizer, prompts, ids * 2, kl_rows=rows)
+    assert abs(kl_bypassed[0].item()) < 1e-6
 
 
 def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
