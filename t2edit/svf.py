@@ -130,7 +130,11 @@ def default_svd_cache_dir() -> Path:
 def decompose(weight: torch.Tensor, factor_dtype: torch.dtype = torch.float32):
     """U, s, Vᵀ of an (out, in) weight, computed on the weight's device (GPU when the model is on one)."""
     w = weight.detach().to(torch.float32)
-    U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+    if w.shape[0] < w.shape[1]:  # LAPACK is several times faster on tall matrices: decompose Wᵀ = V S Uᵀ
+        V, s, Uh = torch.linalg.svd(w.T, full_matrices=False)
+        U, Vh = Uh.T, V.T
+    else:
+        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
     return U.to(factor_dtype).contiguous(), s.to(factor_dtype).contiguous(), Vh.to(factor_dtype).contiguous()
 
 
