@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--n-edits", type=int, default=50, help="edits in the one SVF expert (default: 50)")
     demo.add_argument("--steps", type=int, default=None, help="REINFORCE steps (default: the config's)")
+    demo.add_argument("--world", choices=["default", "tiny"], default="default",
+                      help="fact-world size (tiny: seconds to build, for smoke tests)")
 
     world = sub.add_parser("world", help="fact worlds: tiny LMs pretrained on a KnowEdit-format file")
     world_sub = world.add_subparsers(dest="world_command", required=True)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from t2edit.jobs import run_demo
 
-            run_demo(args.out, n_edits=args.n_edits, steps=args.steps)
+            run_demo(args.out, n_edits=args.n_edits, steps=args.steps, world_preset=args.world)
         elif args.command == "world":
             _world_build(args)
         elif args.command == "train":

@@ -33,15 +33,18 @@ def is_world_dir(path) -> bool:
 
 
 def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None = None,
-               progress: bool = True) -> EditingSetup:
+               progress: bool = True, world_preset: str = "default") -> EditingSetup:
     """`model` None or a world directory → the fact world of `data` (built and cached if needed); otherwise a
     transformers model name/path with records from `data`."""
     from t2edit.data.loaders import load_records
-    from t2edit.data.world import build_world, load_world, world_facts
+    from t2edit.data.world import WorldConfig, build_world, load_world, world_facts
 
     world = None
     if model is None:
-        world = build_world(data, progress=progress)
+        if world_preset not in ("default", "tiny"):
+            raise ValueError(f"world_preset={world_preset!r}; choose default or tiny")
+        config = WorldConfig.tiny() if world_preset == "tiny" else WorldConfig()
+        world = build_world(data, config=config, progress=progress)
     elif is_world_dir(model):
         world = load_world(model)
     if world is not None:
@@ -87,6 +90,8 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
                          neighbour_prompts=setup.extra_neighbour_prompts)
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
+    if method == "ft" and setup.world_report is not None:
+        return get_editor("ft", lr=1e-2)  # EasyEdit's lr 5e-4 (for 7B models) moves a tiny world model not at all
     return get_editor(method)
 
 
@@ -112,7 +117,8 @@ def run_training(config, accelerator=None):
     from t2edit.svf import apply_svf
     from t2edit.training import SVFTrainer, neighbour_candidates
 
-    setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress)
+    setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
+                       world_preset=config.world_preset)
     if accelerator is not None:
         setup.model.to(accelerator.device)
     others = list(setup.other_records)
@@ -132,18 +138,21 @@ def run_training(config, accelerator=None):
     trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool, config, rollouts=rollouts,
                          accelerator=accelerator)
     expert = trainer.train()
+    model.unload()  # hand the base model back unchanged; the expert holds the edit
     return expert, setup
 
 
 def run_demo(out_dir: str = "runs/demo", n_edits: int = 50, steps: int | None = None,
-             methods=("none", "svf", "lora", "ft", "ike", "prompt"), progress: bool = True):
+             methods=("none", "svf", "lora", "ft", "ike", "prompt"), progress: bool = True,
+             world_preset: str = "default"):
     """The whole story on the built-in world, on CPU: world → SVF expert → evaluation next to the baselines."""
     from t2edit.training import TrainConfig
 
     started = time.time()
     torch.manual_seed(0)
     # TrainConfig's defaults are the demo's settings (configs/demo.yaml spells the same run out for train_rl.py).
-    config = TrainConfig(output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress)
+    config = TrainConfig(output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress,
+                         world_preset=world_preset)
     if steps is not None:
         config.steps = steps
     config.resume = (Path(config.output_dir) / "checkpoint.pt").exists()

@@ -49,6 +49,7 @@ class TrainConfig:
     # what to edit
     data: str = field(default="builtin", metadata={"help": "KnowEdit/CounterFact/ZsRE file, hub name, or 'builtin'"})
     model: str | None = field(default=None, metadata={"help": "HF model name/path; default: the world model of `data`"})
+    world_preset: str = field(default="default", metadata={"help": "fact-world size when model is unset: default | tiny"})
     start: int = field(default=0, metadata={"help": "index of the first edited record"})
     n_edits: int = field(default=50, metadata={"help": "number of records edited into one expert"})
     output_dir: str = field(default="runs/expert", metadata={"help": "expert, checkpoints, metrics, plots"})
