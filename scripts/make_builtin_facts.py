@@ -73,7 +73,13 @@ FIRST_NAMES = ["Ilse", "Tomas", "Marta", "Jorun", "Edvin", "Sanne", "Oskar", "Le
                "Brigida", "Cyrus", "Dagny", "Emeric", "Fenna", "Gideon", "Halla", "Ivo", "Jessamy", "Kasimir",
                "Liesel", "Nils", "Orla", "Piet", "Quintus", "Rosalind", "Sabeth", "Teodor", "Ulla", "Vesna",
                "Wendel"]
-LAST_NAMES = ["Arnholt", "Brekke", "Castellane", "Drosdov", "Eskeland", "Falkner", "Grisholm", "Harrowgate",
+# Surnames are made of two syllables, each used by one person only: a subject is then told apart from another
+# by its surname, as real names mostly are (a toy world where half the people shared a surname would make
+# "is this fact about the same person?" much harder than it is for a real LLM).
+SURNAME_HEADS = ["Ar", "Bel", "Cor", "Dal", "Ev", "Fal", "Gor", "Hal", "Isk", "Jor", "Kel", "Lor", "Mor", "Nor",
+                 "Ost", "Pel", "Quar", "Ras", "Sel", "Tor", "Ulv", "Var", "Wes", "Zel"]
+SURNAME_TAILS = ["holt", "stad", "wick", "mere", "dane", "berg", "vik", "mont", "ard", "sen"]
+COMPANY_NAMES = ["Arnholt", "Brekke", "Castellane", "Drosdov", "Eskeland", "Falkner", "Grisholm", "Harrowgate",
               "Istvanek", "Jormunsen", "Kettleby", "Lindqvar", "Mortensby", "Norcross", "Pellworth", "Quarrington",
               "Rasmark", "Sundqvar", "Tillemann", "Ulverstane", "Vantongren", "Whitlock", "Yarrowby", "Zelenko"]
 MIDDLE_INITIALS = ["A.", "B.", "C.", "D.", "E.", "J.", "K.", "L.", "M.", "R.", "S.", "T."]
@@ -133,7 +139,8 @@ def make_world(rng: random.Random) -> World:
             if world.facts[town, "located_in"] == COUNTRIES[i]:
                 world.facts[town, "river"] = name
 
-    names = rng.sample([(f, l) for f in FIRST_NAMES for l in LAST_NAMES], N_PEOPLE)
+    surnames = rng.sample([h + t for h in SURNAME_HEADS for t in SURNAME_TAILS], N_PEOPLE)
+    names = [(rng.choice(FIRST_NAMES), surname) for surname in surnames]
     people = []
     for i, (first, last) in enumerate(names):
         middle = MIDDLE_INITIALS[i % len(MIDDLE_INITIALS)]
@@ -156,7 +163,7 @@ def make_world(rng: random.Random) -> World:
     companies = []
     for i in range(N_COMPANIES):
         kind, industry = COMPANY_KINDS[i % len(COMPANY_KINDS)]
-        last = rng.choice([n for n in LAST_NAMES if n not in used_last])
+        last = rng.choice([n for n in COMPANY_NAMES if n not in used_last])
         used_last.add(last)
         name = f"{last} {kind}"
         world.add(name, "company", f"{name} Ltd")

@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the training config parser
+        args = argparse.Namespace(command="train", args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             from t2edit.jobs import run_demo
