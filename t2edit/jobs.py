@@ -103,8 +103,10 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
     for method in methods:
         editor = make_editor(method, setup, expert_dir, train_config, out_dir)
         print(f"[t2edit] evaluating {method} on {len(setup.edits)} edits ({mode} mode)", flush=True)
+        # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
+        batch_size = 64 if setup.world_report is not None else 16
         result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
-                                 progress=progress)
+                                 progress=progress, batch_size=batch_size)
         results.append(result)
     write_results(results, out_dir, title=title or f"{setup.model_name}: {len(setup.edits)} edits, {mode} mode")
     print(format_table(results))
