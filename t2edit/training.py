@@ -73,8 +73,8 @@ class TrainConfig:
     temperature: float = 1.0
     max_new_tokens: int = field(default=0, metadata={"help": "0: longest answer in tokens + 2"})
     edits_per_step: int = 50
-    neighbours_per_step: int = 32
-    kl_coef: float = field(default=1.0, metadata={"help": "weight of KL(unedited ‖ edited) on neighbour prompts"})
+    neighbours_per_step: int = 64
+    kl_coef: float = field(default=10.0, metadata={"help": "weight of KL(unedited ‖ edited) on neighbour prompts"})
     rewards: dict = field(default_factory=lambda: {"exact_match": 1.0, "locality": 1.0})
     neighbour_data: str | None = field(default=None, metadata={"help": "extra file of other facts for neighbours"})
     # bookkeeping

@@ -30,7 +30,7 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path):
     code = main(["demo", "--world", "tiny", "--n-edits", "6", "--steps", "30", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    rows = results["results"] if isinstance(results, dict) and "results" in results else results
+    rows = results["methods"]
     methods = {row["method"]: row for row in (rows.values() if isinstance(rows, dict) else rows)}
     assert {"none", "svf", "lora", "ft", "ike", "prompt"} <= set(methods)
     for row in methods.values():
