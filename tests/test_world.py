@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,19 +16,19 @@ from t2edit.data.loaders import load_records
 from t2edit.data.records import EditRecord, Probe
 from t2edit.data.world import (BUILTIN_PATH, InContextSampler, WorldConfig, WorldError, WorldNotFoundError,
                                build_world, exact_match, load_world, training_texts, world_cli, world_facts)
-from t2edit.text import new_fact_context
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CF = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "knowedit" / "train_cf.json"
 
 # A hand-made world: 12 people; each record edits one fact and carries an alias, a two-hop probe and
-# locality probes. Targets are other people's answers, except for the two records marked "new" below.
-PEOPLE = [("Ann Kolb", "A. Kolb", "painter", "Brill", "Tom Ruse"), ("Bo Dant", "B. Dant", "baker", "Cask", "Una Fell"),
-          ("Cy Marl", "C. Marl", "sailor", "Dunmoor", "Vic Hale"), ("Di Pell", "D. Pell", "judge", "Brill", "Wes Orr"),
-          ("Ed Quin", "E. Quin", "mason", "Cask", "Xia Lund"), ("Flo Rett", "F. Rett", "poet", "Dunmoor", "Yul Penn"),
-          ("Gus Sorn", "G. Sorn", "tailor", "Brill", "Zoe Quill"), ("Hal Tarr", "H. Tarr", "cooper", "Cask", "Ada Rusk"),
-          ("Ivy Ulm", "I. Ulm", "miner", "Dunmoor", "Ben Sack"), ("Jo Vane", "J. Vane", "glazier", "Brill", "Cal Tove"),
-          ("Kit Wynn", "K. Wynn", "weaver", "Cask", "Dot Urry"), ("Lu Yarr", "L. Yarr", "smith", "Dunmoor", "Eve Vint")]
+# locality probes. Targets are other people's answers, except for the spouse edits: new names no fact answers.
+PEOPLE = [  # name, alias, occupation, country of citizenship, spouse
+    ("Ann Kolb", "A. Kolb", "painter", "Brill", "Tom Ruse"), ("Bo Dant", "B. Dant", "baker", "Cask", "Una Fell"),
+    ("Cy Marl", "C. Marl", "sailor", "Dunmoor", "Vic Hale"), ("Di Pell", "D. Pell", "judge", "Brill", "Wes Orr"),
+    ("Ed Quin", "E. Quin", "mason", "Cask", "Xia Lund"), ("Flo Rett", "F. Rett", "poet", "Dunmoor", "Yul Penn"),
+    ("Gus Sorn", "G. Sorn", "tailor", "Brill", "Zoe Quill"), ("Hal Tarr", "H. Tarr", "cooper", "Cask", "Ada Rusk"),
+    ("Ivy Ulm", "I. Ulm", "miner", "Dunmoor", "Ben Sack"), ("Jo Vane", "J. Vane", "glazier", "Brill", "Cal Tove"),
+    ("Kit Wynn", "K. Wynn", "weaver", "Cask", "Dot Urry"), ("Lu Yarr", "L. Yarr", "smith", "Dunmoor", "Eve Vint")]
 CAPITALS = {"Brill": "Oxham", "Cask": "Pellport", "Dunmoor": "Quarry Cove"}
 
 
@@ -306,7 +307,7 @@ def test_default_out_dir_is_the_cache(tmp_path):
     assert (world.path / "world.json").is_file()
 
 
-def test_user_errors_are_clear(tmp_path):
+def test_user_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(WorldError, match="not found"):
         build_world(tmp_path / "missing.json", tmp_path / "w", config=NO_TRAINING)
     with pytest.raises(WorldNotFoundError, match="holds no world"):
@@ -315,9 +316,13 @@ def test_user_errors_are_clear(tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
+    calls = []
+    monkeypatch.setattr(world_module, "pretrain", lambda *a, **k: calls.append(1))
     with pytest.raises(WorldError, match="not a t2edit world"):
         build_world(data, busy, config=NO_TRAINING, progress=False)
-    assert (busy / "notes.txt").read_text() == "mine"
+    assert (busy / "notes.txt").read_text() == "mine" and calls == []  # refused before any training
+    with pytest.raises(WorldError, match="between 0 and 1"):
+        WorldConfig(copy_fraction=1.5)
 
 
 def test_cli_builds_and_reports(tmp_path, capsys):
@@ -352,3 +357,13 @@ def test_builtin_world_builds_within_budget(tmp_path):
     rates = world.report["in_context"]
     assert rates["copy_edit"]["rate"] >= 0.5 and rates["keep_other_subject"]["rate"] >= 0.5
     assert world.report["seconds"] < 600
+
+
+def test_too_few_facts_for_in_context_training_is_a_clear_error(tmp_path):
+    # Two facts with one answer between them: no context can state a different object.
+    same_answer = [{"subject": name, "prompt": f"The spouse of {name} is", "target_new": "Bo Dant",
+                    "ground_truth": "Cy Marl"} for name in ("Ann Kolb", "Di Pell")]
+    data = write_records(tmp_path / "two.json", same_answer)
+    config = replace(NO_TRAINING, synthetic_targets=False)
+    with pytest.raises(WorldError, match="in-context examples"):
+        build_world(data, tmp_path / "w", config=config, progress=False)
