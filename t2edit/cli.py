@@ -8,7 +8,7 @@ import sys
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    known = {"none", "svf", "lora", "ft", "ike", "prompt"}
+    known = {"none", "svf", "svf-always", "lora", "ft", "ike", "prompt"}
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; choose from {sorted(known)}")
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="world directory or transformers model (default: the world of --data)")
     evaluate.add_argument("--data", default="builtin", help="KnowEdit / CounterFact / ZsRE file, or 'builtin'")
     evaluate.add_argument("--method", type=_methods, default=["none"],
-                          help="comma-separated: none,svf,lora,ft,ike,prompt")
-    evaluate.add_argument("--expert", default=None, help="trained expert directory for --method svf")
+                          help="comma-separated: none,svf,svf-always,lora,ft,ike,prompt (svf: two-pass, the "
+                               "expert where its router says; svf-always: the expert on every prompt)")
+    evaluate.add_argument("--expert", default=None, help="trained expert directory for the svf methods")
     evaluate.add_argument("--n", type=int, default=None, help="number of records to edit (default: all)")
     evaluate.add_argument("--start", type=int, default=0, help="index of the first edited record")
     evaluate.add_argument("--mode", choices=["batch", "single"], default="batch",

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2edit.routing import Router
 from t2edit.svf import SVFConfig, SVFModel, apply_svf, svf_config_dict
 
 WEIGHTS_NAME = "expert.safetensors"
 CONFIG_NAME = "expert_config.json"
+ROUTER_NAME = "router.safetensors"  # keys of the two-pass router (t2edit.routing), when the expert has one
 
 
 class ExpertMismatchError(ValueError):
@@ -35,13 +37,15 @@ class Expert:
     base_fingerprint: str
     base_model_name: str = ""
     info: dict = field(default_factory=dict)  # creation info: edits, steps, rewards, time, version...
+    router: Router | None = None  # which prompts the expert applies to (two-pass inference)
 
     # -- creation ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: SVFModel, info: dict | None = None) -> "Expert":
+    def from_model(cls, model: SVFModel, info: dict | None = None, router: Router | None = None) -> "Expert":
         return cls(z={k: v.float().cpu() for k, v in model.get_z().items()},
                    svf_config=svf_config_dict(model.svf_config), base_fingerprint=model.base_fingerprint,
-                   base_model_name=getattr(model.config, "_name_or_path", "") or "", info=dict(info or {}))
+                   base_model_name=getattr(model.config, "_name_or_path", "") or "", info=dict(info or {}),
+                   router=router)
 
     @property
     def target_layers(self) -> list[str]:
@@ -52,17 +56,23 @@ class Expert:
 
     # -- files ------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path):
-        """Write z (safetensors) and expert_config.json atomically (temp file + rename, config last)."""
+        """Write z (safetensors), the router keys if any, and expert_config.json atomically (temp file + rename,
+        config last: a directory with a config is complete)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"base_model_name": self.base_model_name, "base_fingerprint": self.base_fingerprint,
                   "target_layers": self.target_layers, "svf_config": self.svf_config,
                   "info": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.info},
+                  "router_threshold": self.router.threshold if self.router is not None else None,
                   "format": "t2edit-expert/1"}
         weights_tmp = directory / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
         save_file({k: v.contiguous() for k, v in self.z.items()}, str(weights_tmp),
                   metadata={"base_fingerprint": self.base_fingerprint})
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
+        if self.router is not None:
+            router_tmp = directory / f".{ROUTER_NAME}.tmp{os.getpid()}"
+            save_file({"keys": self.router.keys.float().contiguous()}, str(router_tmp))
+            os.replace(router_tmp, directory / ROUTER_NAME)
         config_tmp = directory / f".{CONFIG_NAME}.tmp{os.getpid()}"
         config_tmp.write_text(json.dumps(config, indent=2))
         os.replace(config_tmp, directory / CONFIG_NAME)
@@ -78,6 +88,10 @@ class Expert:
         try:
             config = json.loads(config_path.read_text())
             z = load_file(str(weights_path))
+            router = None
+            if config.get("router_threshold") is not None:
+                router = Router(keys=load_file(str(directory / ROUTER_NAME))["keys"],
+                                threshold=float(config["router_threshold"]))
         except Exception as error:
             raise ValueError(f"could not read the expert in {directory} ({type(error).__name__}: {error}); "
                              f"the files are damaged — retrain or restore the expert") from None
@@ -85,7 +99,7 @@ class Expert:
         if missing:
             raise ValueError(f"expert in {directory} lacks z for {missing[0]!r}; the files are inconsistent")
         return cls(z=z, svf_config=config["svf_config"], base_fingerprint=config["base_fingerprint"],
-                   base_model_name=config.get("base_model_name", ""), info=config.get("info", {}))
+                   base_model_name=config.get("base_model_name", ""), info=config.get("info", {}), router=router)
 
     # -- use --------------------------------------------------------------------------------------------------
     def check_compatible(self, model: SVFModel):
@@ -114,7 +128,8 @@ class Expert:
 
     @staticmethod
     def mix(experts: list["Expert"], weights: list[float] | None = None) -> "Expert":
-        """z' = Σ αₖ zₖ (in z space; the one mask function f is applied afterwards, as in training)."""
+        """z' = Σ αₖ zₖ (in z space; the one mask function f is applied afterwards, as in training). The mixture
+        has no router: routing decides between experts before they are mixed."""
         if not experts:
             raise ValueError("Expert.mix needs at least one expert")
         weights = list(weights) if weights is not None else [1.0 / len(experts)] * len(experts)

@@ -82,12 +82,12 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
                 output_dir: str = "runs/eval"):
     from t2edit.baselines import get_editor
 
-    if method == "svf":
+    if method in ("svf", "svf-always"):
         from t2edit.training import SVFEditor, TrainConfig
 
         config = train_config or TrainConfig(output_dir=str(Path(output_dir) / "svf"))
         return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
-                         neighbour_prompts=setup.extra_neighbour_prompts)
+                         neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf")
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
     if method == "ft" and setup.world_report is not None:
@@ -117,7 +117,7 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
 def run_training(config, accelerator=None):
     """Train one SVF expert as `config` says; returns the Expert (also saved to output_dir/expert)."""
     from t2edit.svf import apply_svf
-    from t2edit.training import SVFTrainer, neighbour_candidates
+    from t2edit.training import SVFTrainer, neighbour_candidates, subject_neighbour_candidates
 
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
                        world_preset=config.world_preset)
@@ -129,6 +129,7 @@ def run_training(config, accelerator=None):
 
         others += load_records(config.neighbour_data)
     pool = neighbour_candidates(setup.edits, others, setup.extra_neighbour_prompts)
+    subject_pool = subject_neighbour_candidates(setup.edits, others)
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
     rollouts = None
     if config.rollout_backend == "vllm":
@@ -138,14 +139,14 @@ def run_training(config, accelerator=None):
     elif config.rollout_backend != "transformers":
         raise ValueError(f"rollout_backend={config.rollout_backend!r}; choose transformers or vllm")
     trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool, config, rollouts=rollouts,
-                         accelerator=accelerator)
+                         accelerator=accelerator, subject_prompts=subject_pool)
     expert = trainer.train()
     model.unload()  # hand the base model back unchanged; the expert holds the edit
     return expert, setup
 
 
 def run_demo(out_dir: str = "runs/demo", n_edits: int = 50, steps: int | None = None,
-             methods=("none", "svf", "lora", "ft", "ike", "prompt"), progress: bool = True,
+             methods=("none", "svf", "svf-always", "lora", "ft", "ike", "prompt"), progress: bool = True,
              world_preset: str = "default"):
     """The whole story on the built-in world, on CPU: world → SVF expert → evaluation next to the baselines."""
     from t2edit.training import TrainConfig

@@ -254,6 +254,7 @@ class SVFLinear(nn.Module):
         self._cached_weight: torch.Tensor | None = None
         self._cache_key = None
         self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
+        self.row_gate: torch.Tensor | None = None  # [batch] of 0/1: which rows of the batch use the expert (routing)
 
     @property
     def rank(self) -> int:
@@ -285,9 +286,14 @@ class SVFLinear(nn.Module):
         bias = self.base_layer.bias
         if torch.is_grad_enabled() and self.z.requires_grad:
             sigma = self.singular_values()
-            return _FactoredLinear.apply(x, sigma, weight, self.U, self.Vh, bias)
-        out = x @ weight.T
-        return out + bias if bias is not None else out
+            out = _FactoredLinear.apply(x, sigma, weight, self.U, self.Vh, bias)
+        else:
+            out = x @ weight.T
+            out = out + bias if bias is not None else out
+        if self.row_gate is not None:  # routed rows get W', the others the original layer
+            gate = self.row_gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+            out = torch.lerp(self.base_layer(x), out, gate)
+        return out
 
     def to_plain_layer(self) -> nn.Module:
         """The base layer with W' folded in (same class, same storage convention)."""
@@ -392,6 +398,36 @@ class SVFModel(nn.Module):
             param.requires_grad_(self._requires_grad_before.get(name, False))
 
 
+class model_bypassed:
+    """Context in which every SVF layer runs its original base layer: the unedited model, at no cost."""
+
+    def __init__(self, model: SVFModel):
+        self.layers = list(model.svf_layers().values())
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.bypass = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.bypass = False
+
+
+class rows_routed:
+    """Context in which only the rows of a batch marked in `gate` ([batch] bool) use the expert."""
+
+    def __init__(self, model: SVFModel, gate: torch.Tensor):
+        self.layers, self.gate = list(model.svf_layers().values()), gate
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.row_gate = self.gate
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.row_gate = None
+
+
 def apply_svf(model: nn.Module, config: SVFConfig | None = None, progress: bool = True) -> SVFModel:
     """Decompose the chosen layers of `model` (in place), freeze everything else, return an `SVFModel`."""
     config = config or SVFConfig()
@@ -420,5 +456,5 @@ def svf_config_dict(config: SVFConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k != "svd_cache_dir"}
 
 
-__all__ = ["SVFConfig", "SVFLinear", "SVFModel", "SVDCache", "apply_svf", "find_target_layers",
-           "model_fingerprint", "weight_fingerprint", "svf_config_dict"]
+__all__ = ["SVFConfig", "SVFLinear", "SVFModel", "SVDCache", "apply_svf", "find_target_layers", "model_bypassed",
+           "model_fingerprint", "rows_routed", "weight_fingerprint", "svf_config_dict"]

@@ -35,7 +35,8 @@ from t2edit.data.records import EditRecord
 from t2edit.editing import EditedModel, Editor
 from t2edit.experts import Expert
 from t2edit.rollouts import HFRollouts
-from t2edit.svf import SVFConfig, SVFModel, apply_svf
+from t2edit.routing import RoutedModel, calibrate_router
+from t2edit.svf import SVFConfig, SVFModel, apply_svf, model_bypassed
 from t2edit.text import answer_matches
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -73,9 +74,13 @@ class TrainConfig:
     temperature: float = 1.0
     max_new_tokens: int = field(default=0, metadata={"help": "0: longest answer in tokens + 2"})
     edits_per_step: int = 50
-    neighbours_per_step: int = 64
+    neighbours_per_step: int = field(default=64, metadata={"help": "prompts of other facts per step"})
+    subject_neighbours_per_step: int = field(default=0, metadata={
+        "help": "other relations asked about the edited subjects, trained on per step (0: only calibrate routing)"})
     kl_coef: float = field(default=10.0, metadata={"help": "weight of KL(unedited ‖ edited) on neighbour prompts"})
     rewards: dict = field(default_factory=lambda: {"exact_match": 1.0, "locality": 1.0})
+    route_margin: float = field(default=0.5, metadata={
+        "help": "router threshold: this far from the closest neighbour prompt's similarity to 1 (t2edit.routing)"})
     neighbour_data: str | None = field(default=None, metadata={"help": "extra file of other facts for neighbours"})
     # bookkeeping
     seed: int = 0
@@ -132,6 +137,61 @@ def neighbour_candidates(edits: list[EditRecord], others: list[EditRecord], extr
     return pool
 
 
+SUBJECT_SLOT = "\x00subject\x00"  # a placeholder no prompt contains (prompts may hold literal braces)
+
+
+def relation_templates(records: list[EditRecord], with_locality: bool = True) -> dict[str, set[str]]:
+    """subject → the relation templates ("The spouse of {} is") asked about it in these records' edit prompts (and
+    locality prompts). Only prompts that contain the subject verbatim give a template."""
+    asked: dict[str, set[str]] = {}
+    for record in records:
+        if not record.subject:
+            continue
+        prompts = [record.prompt] + ([p.prompt for probes in record.locality.values() for p in probes]
+                                     if with_locality else [])
+        for prompt in prompts:
+            if record.subject in prompt:
+                asked.setdefault(record.subject, set()).add(prompt.replace(record.subject, SUBJECT_SLOT, 1))
+    return asked
+
+
+def subject_neighbour_candidates(edits: list[EditRecord], others: list[EditRecord], per_edit: int = 8) -> list[str]:
+    """Same-subject anchors: each edited subject asked about relations other than the edited one.
+
+    An edit should change (subject, relation) and nothing else the model says about the subject (ROME anchors the
+    subject's "essence" the same way). The relations come from the *other* records: first those asked about other
+    subjects that were also asked the edited relation (people get spouse / occupation / employer, rivers get
+    mouth / country ...), then those asked together with these, then the most frequent ones (the other edits'
+    relations included). Prompts the evaluation scores for the edited records are
+    removed, so the edited records' own locality prompts are never among them."""
+    blocked = forbidden_prompts(edits) | {r.prompt for r in edits}
+    asked = relation_templates(others)
+    frequency: dict[str, int] = {}
+    co_occurring: dict[str, dict[str, int]] = {}
+    # The edited relations themselves are fair questions about the *other* edited subjects.
+    for templates in relation_templates(edits, with_locality=False).values():
+        for template in templates:
+            frequency[template] = frequency.get(template, 0) + 1
+    for templates in asked.values():
+        for template in templates:
+            frequency[template] = frequency.get(template, 0) + 1
+            counts = co_occurring.setdefault(template, {})
+            for other in templates - {template}:
+                counts[other] = counts.get(other, 0) + 1
+    seen, pool = set(), []
+    for record in edits:
+        if not record.subject or record.subject not in record.prompt:
+            continue
+        together = co_occurring.get(record.prompt.replace(record.subject, SUBJECT_SLOT, 1), {})
+        two_hops = {t: sum(co_occurring[c].get(t, 0) for c in together) for t in frequency}
+        ranked = sorted(frequency, key=lambda t: (-together.get(t, 0), -two_hops[t], -frequency[t], t))
+        prompts = [t.replace(SUBJECT_SLOT, record.subject, 1) for t in ranked]
+        fresh = [p for p in prompts if p not in blocked and p not in seen][:per_edit]
+        seen.update(fresh)
+        pool += fresh
+    return pool
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
     rollouts = HFRollouts(model, tokenizer, batch_size=batch_size)
@@ -149,7 +209,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
 
 class SVFTrainer:
     def __init__(self, model: SVFModel, tokenizer, edits: list[EditRecord], neighbour_prompts: list[str],
-                 config: TrainConfig, rollouts=None, accelerator=None):
+                 config: TrainConfig, rollouts=None, accelerator=None, subject_prompts: list[str] = ()):
         if not edits:
             raise ValueError("no edits to train on; check the data file and the start / n_edits selection")
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -164,9 +224,15 @@ class SVFTrainer:
                             for r in edits for a in r.target_new)
         self.max_new_tokens = config.max_new_tokens or answer_tokens + 2
         # Neighbours keep the unedited model's own answer (not the dataset's): that is what locality measures.
+        subject_prompts = list(subject_prompts)
         with model_bypassed(model):
-            references = greedy_answers(model, tokenizer, neighbour_prompts, self.max_new_tokens)
-        self.neighbour_items = [TrainItem(p, [a], "neighbour") for p, a in zip(neighbour_prompts, references) if a]
+            references = greedy_answers(model, tokenizer, neighbour_prompts + subject_prompts, self.max_new_tokens)
+        items = [TrainItem(p, [a], "neighbour") for p, a in zip(neighbour_prompts + subject_prompts, references)]
+        self.neighbour_items = [item for item in items[:len(neighbour_prompts)] if item.answers[0]]
+        # A same-subject anchor the unedited model answers with the edited fact's old or new object asks the edited
+        # fact again ("The industry of <person> is" → the old spouse): keeping that answer would fight the edit.
+        self.subject_items = [item for item in items[len(neighbour_prompts):]
+                              if item.answers[0] and not self._asks_edited_fact(item)]
         self.seen_prompts: set[str] = set()  # every prompt the policy was trained on (tests check no leakage)
         self.optimizer = torch.optim.Adam(model.z_parameters(), lr=config.learning_rate)
         self.step = 0
@@ -174,6 +240,12 @@ class SVFTrainer:
         torch.manual_seed(config.seed)  # sampling (a resumed run restores the RNG state from its checkpoint)
         self.edit_order: list[int] = []
         self.neighbour_order: list[int] = []
+        self.subject_order: list[int] = []
+
+    def _asks_edited_fact(self, item: TrainItem) -> bool:
+        return any(record.subject and record.subject in item.prompt and
+                   answer_matches(item.answers[0], list(record.ground_truth) + list(record.target_new))
+                   for record in self.edits)
 
     # -- data order (part of the checkpoint, so a resumed run sees the same batches) ---------------------------
     def _next_indices(self, order_name: str, pool_size: int, count: int) -> list[int]:
@@ -190,6 +262,8 @@ class SVFTrainer:
                                                                  self.config.edits_per_step)]
         neighbours = [self.neighbour_items[i] for i in self._next_indices(
             "neighbour_order", len(self.neighbour_items), self.config.neighbours_per_step)]
+        neighbours += [self.subject_items[i] for i in self._next_indices(
+            "subject_order", len(self.subject_items), self.config.subject_neighbours_per_step)]
         if self.accelerator is not None and self.accelerator.num_processes > 1:  # each process takes its share
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             edits, neighbours = edits[rank::world], neighbours[rank::world]
@@ -293,7 +367,10 @@ class SVFTrainer:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", es=f"{metrics['edit_success_sampled']:.2f}")
         bar.close()
-        expert = Expert.from_model(self.model, info={
+        # The router's keys are the edit prompts; what it must not route are the prompts trained to stay unchanged.
+        router = calibrate_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
+                                  [i.prompt for i in self.neighbour_items + self.subject_items], config.route_margin)
+        expert = Expert.from_model(self.model, router=router, info={
             "name": self.output_dir.name, "edits": len(self.edits), "steps": self.step, "data": config.data,
             "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]})
         if self.is_main:
@@ -307,7 +384,8 @@ class SVFTrainer:
     def save_checkpoint(self):
         state = {"step": self.step, "z": self.model.get_z(), "optimizer": self.optimizer.state_dict(),
                  "torch_rng": torch.get_rng_state(), "python_rng": list(_jsonable_state(self.rng.getstate())),
-                 "edit_order": list(self.edit_order), "neighbour_order": list(self.neighbour_order)}
+                 "edit_order": list(self.edit_order), "neighbour_order": list(self.neighbour_order),
+                 "subject_order": list(self.subject_order)}
         tmp = self.output_dir / f".{CHECKPOINT_NAME}.tmp{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, self.output_dir / CHECKPOINT_NAME)  # atomic: a kill leaves the old or the new one
@@ -323,6 +401,7 @@ class SVFTrainer:
         version, internal, gauss = state["python_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.edit_order, self.neighbour_order = list(state["edit_order"]), list(state["neighbour_order"])
+        self.subject_order = list(state.get("subject_order", []))
         self.step = state["step"]
         # Metrics logged after this checkpoint by the killed run are dropped so the log has each step once.
         metrics_path = self.output_dir / METRICS_NAME
@@ -387,21 +466,6 @@ def sequence_logprobs(model: SVFModel, tokenizer, prompts: list[str], completion
     return per_row, kl
 
 
-class model_bypassed:
-    """Context in which every SVF layer runs its original base layer: the unedited model, at no cost."""
-
-    def __init__(self, model: SVFModel):
-        self.layers = list(model.svf_layers().values())
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.bypass = True
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.bypass = False
-
-
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
@@ -459,13 +523,19 @@ class SVFEditor(Editor):
     """Trains an SVF expert for the given edits (or applies a trained one) and returns the edited model.
 
     `neighbour_records` / `neighbour_prompts` are the other facts used for locality training; prompts the
-    evaluation scores for the edited records are removed from them here, whatever the caller passes."""
+    evaluation scores for the edited records are removed from them here, whatever the caller passes.
+
+    `route=True` (method "svf") answers in two passes: the expert applies only to prompts its router picks
+    (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt."""
 
     name = "svf"
 
     def __init__(self, config: TrainConfig | None = None, expert_dir: str | None = None,
-                 neighbour_records: list[EditRecord] = (), neighbour_prompts: list[str] = (), **overrides):
+                 neighbour_records: list[EditRecord] = (), neighbour_prompts: list[str] = (), route: bool = True,
+                 **overrides):
         self.config = config or TrainConfig(**overrides)
+        self.route = route
+        self.name = "svf" if route else "svf-always"
         self.expert_dir = expert_dir
         self.neighbour_records = list(neighbour_records)
         self.neighbour_prompts = list(neighbour_prompts)
@@ -474,20 +544,28 @@ class SVFEditor(Editor):
 
     def edit(self, model, tokenizer, records):
         if self.expert_dir:
-            svf_model = Expert.from_pretrained(self.expert_dir).load_into(model)
+            expert = Expert.from_pretrained(self.expert_dir)
+            svf_model = expert.load_into(model)
         else:
             svf_model = apply_svf(model, self.config.svf_config(), progress=False)
             edited = {r.prompt for r in records}
             others = [r for r in self.neighbour_records if r.prompt not in edited]
             pool = neighbour_candidates(records, others, self.neighbour_prompts)
+            subject_pool = subject_neighbour_candidates(records, others)
             # One directory per edit call; no checkpoints (an evaluation re-runs its edits rather than resuming).
             self.calls += 1
             config = TrainConfig(**{**asdict(self.config), "save_every": 0, "resume": False,
                                     "output_dir": str(Path(self.config.output_dir) / f"edit-{self.calls:04d}")})
-            self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool, config)
-            self.last_trainer.train()
+            self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool, config, subject_prompts=subject_pool)
+            expert = self.last_trainer.train()
         svf_model.eval()
-        return EditedModel(model=svf_model, restore=svf_model.unload)
+        if not self.route:
+            return EditedModel(model=svf_model, restore=svf_model.unload)
+        if expert.router is None:
+            svf_model.unload()
+            raise ValueError(f"the expert in {self.expert_dir} has no router (a mixture, or trained by an older "
+                             f"t2edit); evaluate it with method svf-always, or retrain it")
+        return EditedModel(model=RoutedModel(svf_model, expert.router), restore=svf_model.unload)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from t2edit.data.records import EditRecord, Probe
 from t2edit.svf import apply_svf
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
 from t2edit.training import (SVFTrainer, TrainConfig, forbidden_prompts, group_advantages, model_bypassed,
-                             neighbour_candidates, parse_train_config)
+                             neighbour_candidates, parse_train_config, subject_neighbour_candidates)
 
 FACTS = {
     "The city of Ann is": "Rome", "The city of Bob is": "Oslo", "The city of Cy is": "Lima",
@@ -81,13 +81,22 @@ def test_neighbour_pool_never_holds_scored_prompts():
     assert "The job of Cy is" in pool and "The city of Cy is" in pool
 
 
+def test_subject_neighbours_ask_other_relations_of_edited_subjects_never_scored_ones():
+    edits, _ = tiny_edits()
+    others = [EditRecord("Cy", "The city of Cy is", ["Rome"], ["Lima"], locality={"relation_specificity": [
+        Probe("The job of Cy is", ["cook"]), Probe("The pet of Cy is", ["fish"])]})]
+    # Ann's job and pet prompts and Bob's job prompt are scored; the city prompts are the edits themselves.
+    assert subject_neighbour_candidates(edits, others) == ["The pet of Bob is"]
+    assert subject_neighbour_candidates(edits, []) == []  # nothing to learn relations from: no anchors
+
+
 def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world, tmp_path):
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()
     config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2,
                          neighbours_per_step=4, group_size=4, save_every=0, eval_every=20, progress=False)
     svf = apply_svf(model, config.svf_config(), progress=False)
-    trainer = SVFTrainer(svf, tokenizer, edits, pool, config)
+    trainer = SVFTrainer(svf, tokenizer, edits, pool, config, subject_prompts=["The pet of Bob is"])
     sampled_prompts = []
     sample = trainer.rollouts.sample
     trainer.rollouts.sample = lambda prompts, *a: sampled_prompts.extend(prompts) or sample(prompts, *a)
@@ -95,6 +104,7 @@ def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world
     expert = trainer.train()
     assert trainer.edit_success_greedy() == 1.0
     assert not forbidden_prompts(edits) & (set(sampled_prompts) | trainer.seen_prompts)
+    assert "The pet of Bob is" in trainer.seen_prompts  # the same-subject anchor was trained on
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and {"reward/exact_match", "reward/locality", "z/mean", "grad_norm"} <= set(rows[0])
     assert rows[-1]["edit_success_greedy"] == 1.0

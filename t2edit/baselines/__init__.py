@@ -14,7 +14,7 @@ from t2edit.baselines.prompt import PromptEditor
 from t2edit.baselines.target_loss import EditInputError
 from t2edit.editing import Editor, NoEdit
 
-METHODS = ("none", "lora", "ft", "ike", "prompt", "svf")
+METHODS = ("none", "lora", "ft", "ike", "prompt", "svf", "svf-always")
 
 __all__ = ["METHODS", "get_editor", "UnknownEditorError", "EditInputError", "FTEditor", "FTEditorConfig",
            "IKEEditor", "LoRAEditor", "LoRAEditorConfig", "PromptEditor"]
@@ -26,10 +26,10 @@ class UnknownEditorError(ValueError):
 
 def get_editor(name: str, **options) -> Editor:
     method = name.strip().lower()
-    if method == "svf":
+    if method in ("svf", "svf-always"):  # two-pass (routed) / the expert on every prompt
         from t2edit.training import SVFEditor  # lazy: pulls in the trainer stack only when asked for
 
-        return SVFEditor(**options)
+        return SVFEditor(**{"route": method == "svf", **options})
     if method == "lora":
         return LoRAEditor(_config(LoRAEditorConfig, method, options))
     if method == "ft":

@@ -100,10 +100,12 @@ def eval_mode(model: torch.nn.Module):
             module.training = training
 
 
-def _logits(model, input_ids, attention_mask, n_keep: int) -> torch.Tensor:
+def _logits(model, input_ids, attention_mask, n_keep: int, prompt_end: list[int] | None = None) -> torch.Tensor:
     """Logits of the last `n_keep` positions of a left-padded batch (positions counted from each row's first
-    real token)."""
+    real token). A model that routes on the prompt (two-pass SVF) is told where each row's prompt ends."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if prompt_end is not None and getattr(model, "routes_on_prompt", False):
+        kwargs["prompt_end"] = torch.tensor(prompt_end, device=input_ids.device)
     if _forward_accepts(model, "position_ids"):
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if _forward_accepts(model, "logits_to_keep"):
@@ -139,7 +141,7 @@ def teacher_forced_predictions(model, tokenizer, prompts: Sequence[str], targets
             # EasyEdit's prompt length: pads in front + tokens of the prompt alone (never the first position).
             starts = [max(1, width - len(items[i][0]) + items[i][1]) for i in batch]
             n_keep = width - min(starts) + 1
-            predicted = _logits(model, ids, mask, n_keep).argmax(-1).cpu()
+            predicted = _logits(model, ids, mask, n_keep, [start - 1 for start in starts]).argmax(-1).cpu()
             offset = width - predicted.shape[1]
             gold = ids.cpu()
             for row, (i, start) in enumerate(zip(batch, starts)):
