@@ -67,6 +67,9 @@ class TrainConfig:
     learning_rate: float = 0.2
     max_grad_norm: float = 1e-3
     steps: int = 250
+    lr_scheduler_type: str = field(default="cosine", metadata={
+        "help": "transformers scheduler name: cosine | linear | constant | ... (decays to 0 over `steps`)"})
+    warmup_steps: int = 0
     # REINFORCE
     group_size: int = field(default=2, metadata={"help": "sampled answers per prompt (plus the guide, if on)"})
     guided: bool = field(default=True, metadata={"help": "add the rewarded answer to each group (sparse-reward fix)"})
@@ -235,6 +238,7 @@ class SVFTrainer:
                               if item.answers[0] and not self._asks_edited_fact(item)]
         self.seen_prompts: set[str] = set()  # every prompt the policy was trained on (tests check no leakage)
         self.optimizer = torch.optim.Adam(model.z_parameters(), lr=config.learning_rate)
+        self.scheduler = make_scheduler(self.optimizer, config)
         self.step = 0
         self.rng = random.Random(config.seed)  # data order
         torch.manual_seed(config.seed)  # sampling (a resumed run restores the RNG state from its checkpoint)
@@ -311,12 +315,14 @@ class SVFTrainer:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
         grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         self.rollouts.sync_weights()
         self.model.eval()
         self.step += 1
 
         sampled_mask = [not g for g in is_guide]
         metrics = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                   "lr": self.optimizer.param_groups[0]["lr"],
                    "reward": _mean([r for r, s in zip(total, sampled_mask) if s])}
         for name, values in per_reward.items():
             metrics[f"reward/{name}"] = _mean([v for v, s in zip(values, sampled_mask) if s and v is not None])
@@ -383,6 +389,7 @@ class SVFTrainer:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self):
         state = {"step": self.step, "z": self.model.get_z(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state(), "python_rng": list(_jsonable_state(self.rng.getstate())),
                  "edit_order": list(self.edit_order), "neighbour_order": list(self.neighbour_order),
                  "subject_order": list(self.subject_order)}
@@ -397,6 +404,8 @@ class SVFTrainer:
         state = torch.load(path, weights_only=True)
         self.model.set_z(state["z"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         version, internal, gauss = state["python_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
@@ -414,6 +423,20 @@ class SVFTrainer:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces of the objective
 # ----------------------------------------------------------------------------------------------------------------
+
+def make_scheduler(optimizer, config: TrainConfig):
+    """The learning-rate schedule, by its transformers name. A decaying rate settles z once most edits are learned
+    (at a constant lr 0.2, greedy edit success on a KnowEdit world swung between 0.64 and 0.88 from step 200 on)."""
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+
+    names = [kind.value for kind in SchedulerType]
+    if config.lr_scheduler_type not in names:
+        raise ValueError(f"lr_scheduler_type={config.lr_scheduler_type!r} is not a transformers scheduler; choose "
+                         f"one of {', '.join(names)}")
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.steps)
+
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, baseline: str) -> torch.Tensor:
     """reward − baseline within each group: the group mean (GRPO without std scaling), the mean of the other

@@ -93,7 +93,7 @@ def test_subject_neighbours_ask_other_relations_of_edited_subjects_never_scored_
 def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world, tmp_path):
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()
-    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2,
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2, lr_scheduler_type="constant",
                          neighbours_per_step=4, group_size=4, save_every=0, eval_every=20, progress=False)
     svf = apply_svf(model, config.svf_config(), progress=False)
     trainer = SVFTrainer(svf, tokenizer, edits, pool, config, subject_prompts=["The pet of Bob is"])
@@ -111,6 +111,25 @@ def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "expert" / "expert.safetensors").exists()
     assert expert.info["edits"] == 2
+    # The two-pass router picks the edit prompts and none of the prompts it was told to leave alone.
+    from t2edit.routing import encode_prompts
+
+    assert expert.router.applies(encode_prompts(svf, tokenizer, [e.prompt for e in edits])).all()
+    assert not expert.router.applies(encode_prompts(svf, tokenizer, pool + ["The pet of Bob is"])).any()
+
+
+def test_learning_rate_decays_and_a_wrong_scheduler_name_is_named(tiny_world, tmp_path):
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=4, edits_per_step=2, neighbours_per_step=2,
+                         group_size=2, save_every=0, eval_every=0, progress=False)
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    SVFTrainer(svf, tokenizer, edits, pool, config).train()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < config.learning_rate and lrs[-1] == 0.0
+    config.lr_scheduler_type = "sawtooth"
+    with pytest.raises(ValueError, match="lr_scheduler_type='sawtooth'.*cosine"):
+        SVFTrainer(svf, tokenizer, edits, pool, config)
 
 
 def test_unguided_exact_match_gets_no_signal(tiny_world, tmp_path):
