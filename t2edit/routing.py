@@ -71,7 +71,8 @@ def calibrate_router(model: SVFModel, tokenizer, edit_prompts: list[str], negati
     router = Router(keys=keys, threshold=-1.0)
     closest = router.similarity(encode_prompts(model, tokenizer, negative_prompts)).max().item() \
         if negative_prompts else 0.0
-    router.threshold = closest + margin * (1.0 - closest)
+    # Capped just below 1 so the edit prompts themselves always route (their similarity is 1 up to rounding).
+    router.threshold = min(closest + margin * (1.0 - closest), 1.0 - 1e-4)
     return router
 
 
