@@ -4,6 +4,7 @@
 
 * svd_cache: apply_svf with a cold SVD cache (decompose + write) vs a warm one (read + verify).
 * forward: an SVF model's forward (weight recomposed once per z change) vs the base model's forward.
+* routing: two-pass inference (router pass over the unedited model, then the expert on routed rows) vs one pass.
 * train_step: forward + backward to z (factored gradient) vs the same through the base model's full weights.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from t2edit.routing import RoutedModel, Router
     from t2edit.svf import SVFConfig, apply_svf
 
     torch.manual_seed(0)
@@ -58,7 +60,13 @@ def main():
             svf = apply_svf(model, svf_config, progress=False)
             svf(ids)  # builds W' once
             svf_fwd = _timed(lambda: svf(ids))
+            # Two-pass inference: the router's pass over the unedited model, then the routed rows with W'.
+            keys = torch.nn.functional.normalize(torch.randn(8, args.hidden), dim=-1)
+            routed = RoutedModel(svf, Router(keys=keys, threshold=0.0))
+            mask = torch.ones_like(ids)
+            routed_fwd = _timed(lambda: routed(input_ids=ids, attention_mask=mask))
         rows.append(("forward", "base", base_fwd, "SVF (cached W')", svf_fwd))
+        rows.append(("routing", "SVF (one pass)", svf_fwd, "two-pass (routed)", routed_fwd))
 
         optimizer = torch.optim.Adam(svf.z_parameters(), lr=1e-3)
 
