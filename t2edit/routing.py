@@ -45,9 +45,9 @@ def prompt_states(model: SVFModel, input_ids: torch.Tensor, attention_mask: torc
     if last is None:
         last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from each row's first token
-    with model_bypassed(model):
+    with model_bypassed(model):  # logits_to_keep=1: the router needs hidden states, not a vocabulary per position
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                       output_hidden_states=True).hidden_states[-1]
+                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 

@@ -11,6 +11,7 @@ ever forming the full weight gradient: dL/dσᵢ = Σ_tokens (g·uᵢ)(x·vᵢ),
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -398,34 +399,30 @@ class SVFModel(nn.Module):
             param.requires_grad_(self._requires_grad_before.get(name, False))
 
 
-class model_bypassed:
+@contextlib.contextmanager
+def _layers_set(model: SVFModel, **attributes):
+    """Set attributes on every SVF layer for the duration of a block, then put the previous values back."""
+    layers = list(model.svf_layers().values())
+    before = [{name: getattr(layer, name) for name in attributes} for layer in layers]
+    for layer in layers:
+        for name, value in attributes.items():
+            setattr(layer, name, value)
+    try:
+        yield
+    finally:
+        for layer, values in zip(layers, before):
+            for name, value in values.items():
+                setattr(layer, name, value)
+
+
+def model_bypassed(model: SVFModel):
     """Context in which every SVF layer runs its original base layer: the unedited model, at no cost."""
-
-    def __init__(self, model: SVFModel):
-        self.layers = list(model.svf_layers().values())
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.bypass = True
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.bypass = False
+    return _layers_set(model, bypass=True)
 
 
-class rows_routed:
+def rows_routed(model: SVFModel, gate: torch.Tensor):
     """Context in which only the rows of a batch marked in `gate` ([batch] bool) use the expert."""
-
-    def __init__(self, model: SVFModel, gate: torch.Tensor):
-        self.layers, self.gate = list(model.svf_layers().values()), gate
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.row_gate = self.gate
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.row_gate = None
+    return _layers_set(model, row_gate=gate)
 
 
 def apply_svf(model: nn.Module, config: SVFConfig | None = None, progress: bool = True) -> SVFModel:

@@ -181,14 +181,21 @@ def subject_neighbour_candidates(edits: list[EditRecord], others: list[EditRecor
             counts = co_occurring.setdefault(template, {})
             for other in templates - {template}:
                 counts[other] = counts.get(other, 0) + 1
+    rankings: dict[str, list[str]] = {}  # edited relation → candidate relations, best first (shared by its edits)
+
+    def ranked(edited: str) -> list[str]:
+        if edited not in rankings:
+            together = co_occurring.get(edited, {})
+            two_hops = {t: sum(co_occurring[c].get(t, 0) for c in together) for t in frequency}
+            rankings[edited] = sorted(frequency, key=lambda t: (-together.get(t, 0), -two_hops[t], -frequency[t], t))
+        return rankings[edited]
+
     seen, pool = set(), []
     for record in edits:
         if not record.subject or record.subject not in record.prompt:
             continue
-        together = co_occurring.get(record.prompt.replace(record.subject, SUBJECT_SLOT, 1), {})
-        two_hops = {t: sum(co_occurring[c].get(t, 0) for c in together) for t in frequency}
-        ranked = sorted(frequency, key=lambda t: (-together.get(t, 0), -two_hops[t], -frequency[t], t))
-        prompts = [t.replace(SUBJECT_SLOT, record.subject, 1) for t in ranked]
+        edited = record.prompt.replace(record.subject, SUBJECT_SLOT, 1)
+        prompts = [t.replace(SUBJECT_SLOT, record.subject, 1) for t in ranked(edited)]
         fresh = [p for p in prompts if p not in blocked and p not in seen][:per_edit]
         seen.update(fresh)
         pool += fresh
