@@ -53,22 +53,11 @@ def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None
         extra = [f.prompt for f in facts]
         net, tokenizer, name, report = world.model, world.tokenizer, str(world.path or "world"), world.report
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from t2edit.models import load_model
 
         records = load_records(data)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-            net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-        except OSError as error:
-            raise FileNotFoundError(f"cannot load model {model!r} ({error}); pass a local model directory, a "
-                                    f"world directory from `t2edit world build`, or a hub name on a machine "
-                                    f"with internet") from None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token  # EasyEdit does the same for Llama-family tokenizers
-        tokenizer.padding_side = "left"
+        net, tokenizer = load_model(model)
         extra, name, report = [], model, None
-        if torch.cuda.is_available():
-            net = net.cuda()
     end = len(records) if n_edits is None else start + n_edits
     edits = records[start:end]
     if not edits:

@@ -225,13 +225,17 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Under autocast (bf16 on GPUs and AMX CPUs) the forward ran in a lower precision than the saved fp32
+        # factors; the backward runs outside autocast, so it casts to the activations' dtype itself. Only the
+        # per-singular-value reduction is accumulated in fp32.
         x, weight, U, Vh = ctx.saved_tensors
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        compute = grad_out.dtype
+        grad_x = (grad_out @ weight.to(compute)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_sigma = None
         if ctx.needs_input_grad[1]:
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(U.dtype)
-            h = x.reshape(-1, x.shape[-1]).to(Vh.dtype)
-            grad_sigma = ((g @ U) * (h @ Vh.T)).sum(0)
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            h = x.reshape(-1, x.shape[-1]).to(compute)
+            grad_sigma = ((g @ U.to(compute)).float() * (h @ Vh.T.to(compute)).float()).sum(0)
         return grad_x, grad_sigma, None, None, None, None
 
 

@@ -1,0 +1,79 @@
+"""SVF as an Editor (the interface every baseline implements, so one evaluation path scores it), and the
+`scripts/train_rl.py` entry point."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from t2edit.data.records import EditRecord
+from t2edit.editing import EditedModel, Editor
+from t2edit.experts import Expert
+from t2edit.routing import RoutedModel
+from t2edit.svf import apply_svf
+from t2edit.training.config import TrainConfig, parse_train_config
+from t2edit.training.pools import neighbour_candidates, subject_neighbour_candidates
+from t2edit.training.trainer import SVFTrainer
+
+
+class SVFEditor(Editor):
+    """Trains an SVF expert for the given edits (or applies a trained one) and returns the edited model.
+
+    `neighbour_records` / `neighbour_prompts` are the other facts used for locality training; prompts the
+    evaluation scores for the edited records are removed from them here, whatever the caller passes.
+
+    `route=True` (method "svf") answers in two passes: the expert applies only to prompts its router picks
+    (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt."""
+
+    name = "svf"
+
+    def __init__(self, config: TrainConfig | None = None, expert_dir: str | None = None,
+                 neighbour_records: list[EditRecord] = (), neighbour_prompts: list[str] = (), route: bool = True,
+                 **overrides):
+        self.config = config or TrainConfig(**overrides)
+        self.route = route
+        self.name = "svf" if route else "svf-always"
+        self.expert_dir = expert_dir
+        self.neighbour_records = list(neighbour_records)
+        self.neighbour_prompts = list(neighbour_prompts)
+        self.last_trainer: SVFTrainer | None = None
+        self.calls = 0
+
+    def edit(self, model, tokenizer, records):
+        if self.expert_dir:
+            expert = Expert.from_pretrained(self.expert_dir)
+            svf_model = expert.load_into(model)
+        else:
+            svf_model = apply_svf(model, self.config.svf_config(), progress=False)
+            edited = {r.prompt for r in records}
+            others = [r for r in self.neighbour_records if r.prompt not in edited]
+            pool = neighbour_candidates(records, others, self.neighbour_prompts)
+            subject_pool = subject_neighbour_candidates(records, others)
+            # One directory per edit call; no checkpoints (an evaluation re-runs its edits rather than resuming).
+            self.calls += 1
+            config = TrainConfig(**{**asdict(self.config), "save_every": 0, "resume": False,
+                                    "output_dir": str(Path(self.config.output_dir) / f"edit-{self.calls:04d}")})
+            self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool, config, subject_prompts=subject_pool)
+            expert = self.last_trainer.train()
+        svf_model.eval()
+        if not self.route:
+            return EditedModel(model=svf_model, restore=svf_model.unload)
+        if expert.router is None:
+            svf_model.unload()
+            raise ValueError(f"the expert in {self.expert_dir} has no router (a mixture, or trained by an older "
+                             f"t2edit); evaluate it with method svf-always, or retrain it")
+        return EditedModel(model=RoutedModel(svf_model, expert.router), restore=svf_model.unload)
+
+
+def main(argv: list[str] | None = None):
+    from accelerate import Accelerator
+
+    from t2edit.jobs import run_training
+
+    config = parse_train_config(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    expert, setup = run_training(config, accelerator)
+    if accelerator.is_main_process:
+        print(f"[t2edit] expert for {len(setup.edits)} edits written to {Path(config.output_dir) / 'expert'}")
+    return expert
