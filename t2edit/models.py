@@ -106,9 +106,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # On CPUs PyTorch's fused SDPA backward is slow for short sequences: eager attention halved the backward of a
+    # 66-prompt SmolLM2 training step (3.1 s -> 1.8 s, bf16, 2 cores). GPUs keep the library's default.
+    attention = {"attn_implementation": "eager"} if device == "cpu" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention)
     except OSError as error:
         raise ModelNotFoundError(
             f"cannot load model {spec!r} ({error}); pass one of the shipped models ({', '.join(SHIPPED)}), a local "
@@ -117,7 +121,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # EasyEdit does the same for Llama-family tokenizers
     tokenizer.padding_side = "left"
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return model, tokenizer
 

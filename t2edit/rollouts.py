@@ -13,7 +13,8 @@ from t2edit.svf import SVFModel
 
 
 class Rollouts(Protocol):
-    def sample(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int) -> list[list[list[int]]]:
+    def sample(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int, top_k: int = 0,
+               top_p: float = 1.0) -> list[list[list[int]]]:
         """For each prompt, n completions as token-id lists."""
 
     def sync_weights(self) -> None:
@@ -27,15 +28,15 @@ class HFRollouts:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.no_grad()
-    def sample(self, prompts, n, temperature, max_new_tokens):
+    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
         tokenizer, device = self.tokenizer, self.model.device
         expanded = [p for p in prompts for _ in range(n)]
         completions: list[list[int]] = []
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start:start + self.batch_size]
             batch = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            # Plain sampling from the policy (no top-k/top-p truncation), or greedy at temperature 0.
-            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+            # Sampling from the policy (top-k / top-p truncation only when asked for), or greedy at temperature 0.
+            sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 \
                 else dict(do_sample=False)
             output = self.model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -84,8 +85,9 @@ class VLLMRollouts:
             client.init_communicator(device=model.device)
         self.client = client
 
-    def sample(self, prompts, n, temperature, max_new_tokens):
-        out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_new_tokens, logprobs=None)
+    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
+        out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_new_tokens,
+                                   top_k=top_k, top_p=top_p, logprobs=None)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids = [trim_at_eos(list(c), eos, pad) for c in out["completion_ids"]]
         return [ids[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -99,7 +99,7 @@ def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world
     trainer = SVFTrainer(svf, tokenizer, edits, pool, config, subject_prompts=["The pet of Bob is"])
     sampled_prompts = []
     sample = trainer.rollouts.sample
-    trainer.rollouts.sample = lambda prompts, *a: sampled_prompts.extend(prompts) or sample(prompts, *a)
+    trainer.rollouts.sample = lambda prompts, *a, **k: sampled_prompts.extend(prompts) or sample(prompts, *a, **k)
     assert trainer.edit_success_greedy() == 0.0
     expert = trainer.train()
     assert trainer.edit_success_greedy() == 1.0
@@ -221,3 +221,58 @@ def test_sigkill_then_resume_gives_the_same_z(tiny_world, tmp_path):
     assert max((z_straight[k] - neutral).abs().max().item() for k in z_straight) > 1e-3  # z actually trained
     logged = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_scoring_equals_one_forward_per_row(tiny_tokenizer, arch):
+    """Rows of one group share their prompt's forward pass; log-probabilities, KL and z's gradient must be those
+    of scoring every row on its own."""
+    from t2edit.svf import SVFConfig
+    from t2edit.tiny import build_tiny_model
+    from t2edit.training import sequence_logprobs
+    from t2edit.training.objective import _plain_logits
+
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer, arch=arch)
+    tiny_tokenizer.padding_side = "left"
+    svf = apply_svf(model, SVFConfig(mask="identity", norm_preserving=False, z_init=1.0, svd_cache_dir=""),
+                    progress=False)
+    with torch.no_grad():
+        for z in svf.z_parameters():
+            z.add_(torch.randn_like(z) * 0.1)  # an edited model, so the KL rows are not trivially 0
+    ids = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = ["The spouse of Ann is", "The spouse of Ann is", "The spouse of Ann is", "The capital of Foo is",
+               "The capital of Baz is", "The capital of Baz is"]
+    completions = [ids(" Bob Smith"), ids(" Carl"), ids(" Bob"), ids(" Bar"), ids(" Qux"), ids(" Bar painter")]
+    kl_rows = torch.tensor([False, False, False, True, True, False])
+
+    def run(force_plain: bool):
+        for z in svf.z_parameters():
+            z.grad = None
+        if force_plain:
+            from t2edit.training import objective
+
+            original = objective._shared_prefix_logits
+            objective._shared_prefix_logits = _plain_logits
+        try:
+            logps, kl = sequence_logprobs(svf, tiny_tokenizer, prompts, completions, kl_rows=kl_rows)
+        finally:
+            if force_plain:
+                objective._shared_prefix_logits = original
+        (logps.sum() + kl.sum()).backward()
+        return logps.detach(), kl.detach(), torch.cat([z.grad.flatten() for z in svf.z_parameters()])
+
+    from t2edit.training import objective
+
+    calls = []
+    shared_path = objective._shared_prefix_logits
+    objective._shared_prefix_logits = lambda *a: calls.append(1) or shared_path(*a)
+    try:
+        shared = run(False)
+    finally:
+        objective._shared_prefix_logits = shared_path
+    plain = run(True)
+    assert calls, "the rows share prompts: the shared-prefix path must have run"
+    assert torch.allclose(shared[0], plain[0], atol=1e-4), (shared[0], plain[0])
+    assert torch.allclose(shared[1], plain[1], atol=1e-4) and shared[1][3] > 0
+    assert torch.allclose(shared[2], plain[2], atol=1e-4, rtol=1e-3)

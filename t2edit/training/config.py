@@ -40,7 +40,23 @@ class TrainConfig:
     group_size: int = field(default=2, metadata={"help": "sampled answers per prompt (plus the guide, if on)"})
     guided: bool = field(default=True, metadata={"help": "add the rewarded answer to each group (sparse-reward fix)"})
     baseline: str = field(default="group_mean", metadata={"help": "group_mean | leave_one_out | none"})
+    objective: str = field(default="reinforce", metadata={
+        "help": "reinforce (guided groups, exact-match rewards) | ce (supervised cross-entropy on the target: the "
+                "reference REINFORCE is measured against)"})
     temperature: float = 1.0
+    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens (0: all)"})
+    top_p: float = 1.0
+    sample_neighbours: bool = field(default=False, metadata={
+        "help": "also sample neighbour prompts and reward keeping the unedited answer (the locality reward); "
+                "default: neighbours are anchored by the KL term on the unedited answer alone"})
+    stop_at_edit_success: float = field(default=0.0, metadata={
+        "help": "stop once greedy edit success on the edit prompts reaches this (checked every eval_every; 0: off)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 autocast on GPUs and AMX CPUs, else fp32) | bf16 | fp32"})
+    rows_per_chunk: int = field(default=64, metadata={
+        "help": "rollouts scored per forward/backward (gradients accumulate over a step's chunks; bounds memory)"})
+    router_calibration_prompts: int = field(default=512, metadata={
+        "help": "neighbour / anchor prompts sampled to calibrate the router (0: all)"})
     max_new_tokens: int = field(default=0, metadata={"help": "0: longest answer in tokens + 2"})
     edits_per_step: int = 50
     neighbours_per_step: int = field(default=64, metadata={"help": "prompts of other facts per step"})
@@ -88,4 +104,40 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     (config,) = TrlParser((TrainConfig,)).parse_args_and_config(argv)
     if rewards is not None:
         config.rewards = rewards
+    explicit = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "--config" in argv:
+        import yaml
+
+        explicit |= set(yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {})
+    return apply_preset(config, explicit | ({"rewards"} if rewards is not None else set()))
+
+
+# Settings that depend on what is edited. TrainConfig's own defaults are the "world" preset (tiny fact-world
+# models: a large step, sampled neighbours rewarded for keeping their answer). A pretrained LLM needs a small step,
+# top-k sampling on a real vocabulary, and neighbours anchored by the KL term alone (a temperature-1 sample from 49k
+# tokens almost never equals the unedited answer, so a locality reward is ~0 whatever the policy does).
+# configs/smollm2-135m.yaml spells the "llm" preset out (a test keeps the two equal).
+PRESETS: dict[str, dict] = {
+    "world": {},
+    "llm": {
+        "learning_rate": 0.05, "steps": 60, "lr_scheduler_type": "constant", "group_size": 2, "top_k": 50,
+        "sample_neighbours": False, "neighbours_per_step": 16, "kl_coef": 1.0, "eval_every": 5,
+        "stop_at_edit_success": 1.0, "save_every": 10, "rewards": {"exact_match": 1.0},
+    },
+}
+
+
+def preset_name(model: str | None) -> str:
+    """"world" for a fact world (no model, or a world directory), "llm" for any pretrained model."""
+    if model is None or (Path(model) / "world.json").exists():
+        return "world"
+    return "llm"
+
+
+def apply_preset(config: TrainConfig, explicit: set[str] = frozenset()) -> TrainConfig:
+    """Fill the settings the user did not give (`explicit`: the keys set in YAML or on the command line) from the
+    preset of the model being edited."""
+    for key, value in PRESETS[preset_name(config.model)].items():
+        if key not in explicit:
+            setattr(config, key, value)
     return config

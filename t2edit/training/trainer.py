@@ -37,7 +37,8 @@ from t2edit.routing import calibrate_router
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
-from t2edit.training.objective import group_advantages, make_scheduler, sequence_logprobs
+from t2edit.training.objective import (autocast_context, group_advantages, make_scheduler, score_rows,
+                                       sequence_logprobs)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -68,6 +69,9 @@ class SVFTrainer:
                  config: TrainConfig, rollouts=None, accelerator=None, subject_prompts: list[str] = ()):
         if not edits:
             raise ValueError("no edits to train on; check the data file and the start / n_edits selection")
+        if config.objective not in ("reinforce", "ce"):
+            raise ValueError(f"objective={config.objective!r}; choose reinforce (the product's) or ce (supervised "
+                             f"cross-entropy on the target, the reference it is measured against)")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
@@ -79,16 +83,12 @@ class SVFTrainer:
         answer_tokens = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
                             for r in edits for a in r.target_new)
         self.max_new_tokens = config.max_new_tokens or answer_tokens + 2
-        # Neighbours keep the unedited model's own answer (not the dataset's): that is what locality measures.
-        subject_prompts = list(subject_prompts)
-        with model_bypassed(model):
-            references = greedy_answers(model, tokenizer, neighbour_prompts + subject_prompts, self.max_new_tokens)
-        items = [TrainItem(p, [a], "neighbour") for p, a in zip(neighbour_prompts + subject_prompts, references)]
-        self.neighbour_items = [item for item in items[:len(neighbour_prompts)] if item.answers[0]]
-        # A same-subject anchor the unedited model answers with the edited fact's old or new object asks the edited
-        # fact again ("The industry of <person> is" → the old spouse): keeping that answer would fight the edit.
-        self.subject_items = [item for item in items[len(neighbour_prompts):]
-                              if item.answers[0] and not self._asks_edited_fact(item)]
+        # Neighbours keep the unedited model's own answer (not the dataset's): that is what locality measures. The
+        # answers are computed lazily, for the neighbours a step draws, and cached: a pool of thousands of prompts
+        # costs nothing before step 1.
+        self.neighbour_prompts = list(neighbour_prompts)
+        self.subject_prompts = list(subject_prompts)
+        self.reference_answers: dict[str, str] = {}
         self.seen_prompts: set[str] = set()  # every prompt the policy was trained on (tests check no leakage)
         self.optimizer = torch.optim.Adam(model.z_parameters(), lr=config.learning_rate)
         self.scheduler = make_scheduler(self.optimizer, config)
@@ -99,10 +99,25 @@ class SVFTrainer:
         self.neighbour_order: list[int] = []
         self.subject_order: list[int] = []
 
-    def _asks_edited_fact(self, item: TrainItem) -> bool:
-        return any(record.subject and record.subject in item.prompt and
-                   answer_matches(item.answers[0], list(record.ground_truth) + list(record.target_new))
+    def _asks_edited_fact(self, prompt: str, answer: str) -> bool:
+        """A same-subject anchor the unedited model answers with the edited fact's old or new object asks the
+        edited fact again ("The industry of <person> is" → the old spouse): keeping that answer would fight it."""
+        return any(record.subject and record.subject in prompt and
+                   answer_matches(answer, list(record.ground_truth) + list(record.target_new))
                    for record in self.edits)
+
+    def _with_references(self, prompts: list[str], anchors: bool) -> list[TrainItem]:
+        missing = [p for p in prompts if p not in self.reference_answers]
+        if missing:
+            with model_bypassed(self.model), autocast_context(self.model.device, self.config.precision):
+                answers = greedy_answers(self.model, self.tokenizer, missing, self.max_new_tokens)
+            self.reference_answers.update(zip(missing, answers))
+        items = []
+        for prompt in prompts:
+            answer = self.reference_answers[prompt]
+            if answer and not (anchors and self._asks_edited_fact(prompt, answer)):
+                items.append(TrainItem(prompt, [answer], "neighbour"))
+        return items
 
     # -- data order (part of the checkpoint, so a resumed run sees the same batches) ---------------------------
     def _next_indices(self, order_name: str, pool_size: int, count: int) -> list[int]:
@@ -117,52 +132,88 @@ class SVFTrainer:
     def next_batch(self) -> list[TrainItem]:
         edits = [self.edit_items[i] for i in self._next_indices("edit_order", len(self.edit_items),
                                                                  self.config.edits_per_step)]
-        neighbours = [self.neighbour_items[i] for i in self._next_indices(
-            "neighbour_order", len(self.neighbour_items), self.config.neighbours_per_step)]
-        neighbours += [self.subject_items[i] for i in self._next_indices(
-            "subject_order", len(self.subject_items), self.config.subject_neighbours_per_step)]
+        neighbours = [self.neighbour_prompts[i] for i in self._next_indices(
+            "neighbour_order", len(self.neighbour_prompts), self.config.neighbours_per_step)]
+        anchors = [self.subject_prompts[i] for i in self._next_indices(
+            "subject_order", len(self.subject_prompts), self.config.subject_neighbours_per_step)]
         if self.accelerator is not None and self.accelerator.num_processes > 1:  # each process takes its share
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            edits, neighbours = edits[rank::world], neighbours[rank::world]
-        return edits + neighbours
+            edits, neighbours, anchors = edits[rank::world], neighbours[rank::world], anchors[rank::world]
+        return edits + self._with_references(neighbours, anchors=False) + self._with_references(anchors, True)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
+    def _groups(self, items: list[TrainItem]):
+        """The rows to score: for each sampled item a group of rollouts (plus the guide), for CE the target alone,
+        for neighbours that are not sampled the unedited answer alone (KL-anchored)."""
+        config = self.config
+        sampled_items = [i for i in items if config.objective == "reinforce" and
+                         (i.kind == "edit" or config.sample_neighbours)]
+        sampled = iter(self.rollouts.sample([i.prompt for i in sampled_items], config.group_size,
+                                            config.temperature, self.max_new_tokens, top_k=config.top_k,
+                                            top_p=config.top_p) if sampled_items else [])
+        for item in items:
+            if config.objective == "reinforce" and (item.kind == "edit" or config.sample_neighbours):
+                members = [list(ids) for ids in next(sampled)]
+                guide = [self._answer_ids(item.answers[0])] if config.guided else []
+                yield item, members + guide, [False] * len(members) + [True] * len(guide)
+            else:
+                yield item, [self._answer_ids(item.answers[0])], [True]
+
     def training_step(self) -> dict:
         config, tokenizer = self.config, self.tokenizer
         items = self.next_batch()
         self.seen_prompts.update(item.prompt for item in items)
-        sampled = self.rollouts.sample([i.prompt for i in items], config.group_size, config.temperature,
-                                       self.max_new_tokens)
         prompts, completions, kinds, answers, group_of, is_guide = [], [], [], [], [], []
-        for g, (item, group) in enumerate(zip(items, sampled)):
-            members = [list(ids) for ids in group]
-            if config.guided:
-                members.append(self._answer_ids(item.answers[0]))
-            for m, ids in enumerate(members):
+        for g, (item, members, guides) in enumerate(self._groups(items)):
+            for ids, guide in zip(members, guides):
                 prompts.append(item.prompt)
                 completions.append(ids)
                 kinds.append(item.kind)
                 answers.append(item.answers)
                 group_of.append(g)
-                is_guide.append(config.guided and m == len(members) - 1)
+                is_guide.append(guide)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         total, per_reward = self.rewards(prompts, texts, kind=kinds, answers=answers)
         rewards = torch.tensor(total, dtype=torch.float32)
-        advantages = group_advantages(rewards, torch.tensor(group_of), config.baseline)
+        groups = torch.tensor(group_of)
+        if config.objective == "ce":  # every row is a target: weight 1 on edits, KL alone on neighbours
+            advantages = torch.tensor([1.0 if k == "edit" else 0.0 for k in kinds])
+        else:
+            advantages = group_advantages(rewards, groups, config.baseline)
+            if not config.sample_neighbours:
+                advantages[torch.tensor([k == "neighbour" for k in kinds])] = 0.0
+        rows = score_rows(completions, advantages, groups, kinds, config.kl_coef > 0)
 
         self.model.train()
-        # The KL anchor applies to neighbour rows only: edit rows are meant to move away from the unedited model.
-        kl_rows = torch.tensor([k == "neighbour" for k in kinds]) if config.kl_coef > 0 else None
-        logps, kl = sequence_logprobs(self.model, tokenizer, prompts, completions, kl_rows=kl_rows)
-        loss = -(advantages * logps).mean()
-        if config.kl_coef > 0:
-            loss = loss + config.kl_coef * kl.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         z_params = self.model.z_parameters()
+        n_groups = max(1, len(items))
+        n_kl = sum(kinds[r] == "neighbour" for r in rows.index) if config.kl_coef > 0 else 0
+        loss_value, kl_values = 0.0, []
+        # Rows go through forward + backward in chunks of whole groups (a group shares its prompt's forward), the
+        # gradients adding up: a step's memory stays bounded however many rollouts it scores (166 rows at once
+        # peaked near 19 GB on SmolLM2-135M).
+        for chunk in _group_chunks(rows.index, group_of, config.rows_per_chunk):
+            chunk_rows = [rows.index[k] for k in chunk]
+            kl_rows = torch.tensor([kinds[r] == "neighbour" for r in chunk_rows]) if n_kl else None
+            logps, kl = sequence_logprobs(self.model, tokenizer, [prompts[r] for r in chunk_rows],
+                                          [completions[r] for r in chunk_rows], kl_rows=kl_rows,
+                                          precision=config.precision)
+            # Σ advantage · log π over the distinct rollouts, per prompt of the batch (a fixed denominator: rows
+            # whose advantage is 0 are skipped, which must not change the scale of the others).
+            loss = -(rows.advantage[chunk].to(logps.device) * logps).sum() / n_groups
+            if n_kl:
+                kl_values += kl[kl_rows.to(kl.device)].tolist()
+                loss = loss + config.kl_coef * kl[kl_rows.to(kl.device)].sum() / n_kl
+            if loss.requires_grad:
+                loss.backward()
+            loss_value += loss.item()
+        for p in z_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.accelerator is not None and self.accelerator.num_processes > 1:
             for p in z_params:
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
@@ -174,15 +225,15 @@ class SVFTrainer:
         self.step += 1
 
         sampled_mask = [not g for g in is_guide]
-        metrics = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                   "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm.item(),
+                   "lr": self.optimizer.param_groups[0]["lr"], "rows_scored": len(rows.index),
                    "reward": _mean([r for r, s in zip(total, sampled_mask) if s])}
         for name, values in per_reward.items():
             metrics[f"reward/{name}"] = _mean([v for v, s in zip(values, sampled_mask) if s and v is not None])
         metrics["edit_success_sampled"] = _mean([float(answer_matches(t, a)) for t, a, k, s in
                                                  zip(texts, answers, kinds, sampled_mask) if k == "edit" and s])
-        if config.kl_coef > 0:
-            metrics["kl"] = kl[kl_rows].mean().item()
+        if kl_values:
+            metrics["kl"] = _mean(kl_values)
         z = torch.cat([p.detach().flatten() for p in z_params])
         metrics.update({"z/mean": z.mean().item(), "z/std": z.std().item(), "z/min": z.min().item(),
                         "z/max": z.max().item()})
@@ -190,8 +241,19 @@ class SVFTrainer:
 
     def edit_success_greedy(self) -> float:
         """Strict edit success on the training (edit) prompts: greedy answer matches the target."""
-        said = greedy_answers(self.model, self.tokenizer, [i.prompt for i in self.edit_items], self.max_new_tokens)
+        with autocast_context(self.model.device, self.config.precision):
+            said = greedy_answers(self.model, self.tokenizer, [i.prompt for i in self.edit_items],
+                                  self.max_new_tokens)
         return _mean([float(answer_matches(s, i.answers)) for s, i in zip(said, self.edit_items)])
+
+    def calibration_negatives(self) -> list[str]:
+        """Prompts the router must leave alone: the neighbours and anchors, a bounded sample of them (encoding a
+        pool of thousands of prompts costs minutes on a real model and moves the threshold little)."""
+        prompts = list(dict.fromkeys(self.neighbour_prompts + self.subject_prompts))
+        limit = self.config.router_calibration_prompts
+        if limit and len(prompts) > limit:
+            prompts = random.Random(self.config.seed).sample(prompts, limit)
+        return prompts
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> Expert:
@@ -209,12 +271,15 @@ class SVFTrainer:
         if not config.resume and metrics_path.exists():
             metrics_path.unlink()
         started = time.time()
+        self.stopped_early = False
         bar = tqdm(total=config.steps, initial=self.step, desc="REINFORCE on z", disable=not (config.progress
                                                                                                 and self.is_main))
         while self.step < config.steps:
             metrics = self.training_step()
             if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
                 metrics["edit_success_greedy"] = self.edit_success_greedy()
+                if config.stop_at_edit_success and metrics["edit_success_greedy"] >= config.stop_at_edit_success:
+                    self.stopped_early = True
             metrics["seconds"] = round(time.time() - started, 2)
             if self.is_main:
                 with metrics_path.open("a") as handle:
@@ -225,10 +290,12 @@ class SVFTrainer:
                     self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", es=f"{metrics['edit_success_sampled']:.2f}")
+            if self.stopped_early:
+                break
         bar.close()
         # The router's keys are the edit prompts; what it must not route are the prompts trained to stay unchanged.
         router = calibrate_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
-                                  [i.prompt for i in self.neighbour_items + self.subject_items], config.route_margin)
+                                  self.calibration_negatives(), config.route_margin)
         expert = Expert.from_model(self.model, router=router, info={
             "name": self.output_dir.name, "edits": len(self.edits), "steps": self.step, "data": config.data,
             "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]})
@@ -271,6 +338,17 @@ class SVFTrainer:
             kept = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))
+
+
+def _group_chunks(index: list[int], group_of: list[int], size: int) -> list[list[int]]:
+    """Positions in `index` split into chunks of about `size` rows that never split a group."""
+    chunks, current = [], []
+    for k, row in enumerate(index):
+        if current and len(current) >= size and group_of[row] != group_of[index[current[-1]]]:
+            chunks.append(current)
+            current = []
+        current.append(k)
+    return chunks + ([current] if current else [])
 
 
 def _mean(values) -> float:
