@@ -157,7 +157,7 @@ class SVFTrainer:
         # The KL anchor applies to neighbour rows only: edit rows are meant to move away from the unedited model.
         kl_rows = torch.tensor([k == "neighbour" for k in kinds]) if config.kl_coef > 0 else None
         logps, kl = sequence_logprobs(self.model, tokenizer, prompts, completions, kl_rows=kl_rows)
-        loss = -(advantages * logps).mean()
+        loss = -(advantages.to(logps.device) * logps).mean()  # rewards are built on the CPU
         if config.kl_coef > 0:
             loss = loss + config.kl_coef * kl.mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,7 +182,7 @@ class SVFTrainer:
         metrics["edit_success_sampled"] = _mean([float(answer_matches(t, a)) for t, a, k, s in
                                                  zip(texts, answers, kinds, sampled_mask) if k == "edit" and s])
         if config.kl_coef > 0:
-            metrics["kl"] = kl[kl_rows].mean().item()
+            metrics["kl"] = kl[kl_rows.to(kl.device)].mean().item()
         z = torch.cat([p.detach().flatten() for p in z_params])
         metrics.update({"z/mean": z.mean().item(), "z/std": z.std().item(), "z/min": z.min().item(),
                         "z/max": z.max().item()})
