@@ -122,9 +122,14 @@ def run_training(config, accelerator=None):
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
     rollouts = None
     if config.rollout_backend == "vllm":
-        from t2edit.rollouts import VLLMRollouts
+        from t2edit.rollouts import make_vllm_rollouts
 
-        rollouts = VLLMRollouts(model, setup.tokenizer, base_url=config.vllm_server_url)
+        # Only this (single) process talks to vLLM; make_vllm_rollouts refuses a multi-process launch. The
+        # trainer syncs the weights in full before step 1 and after a resume.
+        rollouts = make_vllm_rollouts(
+            model, setup.tokenizer, mode=config.vllm_mode,
+            sync=config.vllm_sync, base_url=config.vllm_server_url, accelerator=accelerator,
+            model_name=config.model, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     elif config.rollout_backend != "transformers":
         raise ValueError(f"rollout_backend={config.rollout_backend!r}; choose transformers or vllm")
     trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool, config, rollouts=rollouts,

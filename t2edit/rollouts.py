@@ -1,15 +1,31 @@
-"""Where sampled answers come from: `transformers.generate` on the policy itself (CPU, one GPU), or a vLLM server on
-another GPU that receives the merged SVF weights after every optimizer step (TRL's `VLLMClient`).
+"""Where sampled answers come from: `transformers.generate` on the policy itself (CPU, one GPU), or vLLM — a server
+on another GPU (TRL's `VLLMClient`) or an engine in the training process on the same GPU (colocate).
 
-Both return completion token ids (ending with EOS when the model stopped) for `n` samples of every prompt.
+Every backend returns completion token ids (ending with EOS when the model stopped) for `n` samples of every
+prompt. vLLM backends hold their own copy of the weights, so `sync_weights` pushes the policy's current z to them:
+
+* `sync="z"`: only z travels; `t2edit.vllm_worker.SVFWorkerExtension` on the rollout GPU holds U, s, Vᵀ and
+  recomposes W' there (the factors are sent once, at the first full sync).
+* `sync="merged"`: W' of every changed SVF layer, cast to the server's dtype, under the base model's parameter
+  names (the fallback: works with any vLLM server that has NCCL weight transfer).
+
+vLLM is an optional extra, imported only when a vLLM backend is built.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import tempfile
+import time
 from typing import Iterator, Protocol
 
 import torch
 
-from t2edit.svf import SVFModel
+from t2edit.svf import SVFModel, svf_config_dict
+
+WORKER_EXTENSION = "t2edit.vllm_worker.SVFWorkerExtension"
+INSTALL_HINT = "pip install 't2edit[vllm]' (on a CUDA machine), or set rollout_backend: transformers"
 
 
 class Rollouts(Protocol):
@@ -17,8 +33,8 @@ class Rollouts(Protocol):
                top_p: float = 1.0) -> list[list[list[int]]]:
         """For each prompt, n completions as token-id lists."""
 
-    def sync_weights(self) -> None:
-        """Make the sampler use the policy's current z."""
+    def sync_weights(self, full: bool = False) -> None:
+        """Make the sampler use the policy's current z (`full`: every layer, e.g. before step 1 or after a resume)."""
 
 
 class HFRollouts:
@@ -26,12 +42,14 @@ class HFRollouts:
 
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.generated_tokens, self.generate_seconds = 0, 0.0
 
     @torch.no_grad()
     def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
         tokenizer, device = self.tokenizer, self.model.device
         expanded = [p for p in prompts for _ in range(n)]
         completions: list[list[int]] = []
+        started = time.perf_counter()
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start:start + self.batch_size]
             batch = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
@@ -42,9 +60,11 @@ class HFRollouts:
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             for row in output[:, batch["input_ids"].shape[1]:].tolist():
                 completions.append(trim_at_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id))
+        self.generate_seconds += time.perf_counter() - started
+        self.generated_tokens += sum(len(c) for c in completions)
         return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def sync_weights(self):
+    def sync_weights(self, full: bool = False):
         pass
 
 
@@ -57,43 +77,266 @@ def trim_at_eos(ids: list[int], eos_id: int, pad_id: int | None) -> list[int]:
     return ids
 
 
-def merged_svf_weights(model: SVFModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, current W') for every SVF layer, in the base model's storage convention — what a vLLM
-    engine's `load_weights` expects. Frozen layers never change, so only these are sent."""
-    for name, layer in model.svf_layers().items():
+def merged_svf_weights(model: SVFModel, dtype: torch.dtype | None = None,
+                       names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, current W') for the SVF layers `names` (default: all), in the base model's storage
+    convention and in `dtype` (default: the base weight's) — what a vLLM engine's `load_weights` expects. Frozen
+    layers never change, so only SVF layers are sent."""
+    layers = model.svf_layers()
+    for name in names if names is not None else list(layers):
+        layer = layers[name]
         weight = layer.merged_weight()
-        yield f"{name}.weight", (weight.T.contiguous() if layer.transposed else weight)
+        weight = weight.T.contiguous() if layer.transposed else weight
+        yield f"{name}.weight", weight if dtype is None else weight.to(dtype)
+
+
+def sync_bytes(shapes: list[tuple[int, int]], bytes_per_weight: int = 2) -> dict[str, int]:
+    """Bytes one full sync sends for SVF layers of these (out, in) shapes: W' at `bytes_per_weight` (2: bf16)
+    against z (float32, one value per singular value)."""
+    return {"merged": sum(o * i for o, i in shapes) * bytes_per_weight, "z": sum(min(o, i) for o, i in shapes) * 4}
+
+
+def export_factors(model: SVFModel, directory: str, dtype: str) -> str:
+    """Write U, s, Vᵀ of every SVF layer for the rollout worker; returns the manifest `svf_load_factors` reads."""
+    from safetensors.torch import save_file
+
+    layers = []
+    for index, (name, layer) in enumerate(model.svf_layers().items()):
+        path = os.path.join(directory, f"{index:04d}.safetensors")
+        save_file({"U": layer.U.contiguous(), "S": layer.s.contiguous(), "Vh": layer.Vh.contiguous()}, path)
+        layers.append({"name": name, "path": path, "transposed": layer.transposed})
+    return json.dumps({"svf_config": svf_config_dict(model.svf_config), "dtype": dtype, "layers": layers})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two ways of reaching vLLM: a server (HTTP + NCCL) or an engine in this process
+# ----------------------------------------------------------------------------------------------------------------
+
+class ServerEngine:
+    """A vLLM server reached through TRL's `VLLMClient` (generation, NCCL weight transfer, prefix cache) and vLLM's
+    dev-mode `/collective_rpc` endpoint (the z-only worker extension)."""
+
+    def __init__(self, client, base_url: str, session=None):
+        self.client, self.base_url = client, base_url.rstrip("/")
+        self.session = session
+        self.communicator_ready = False
+
+    def generate(self, prompts, n, temperature, max_tokens, top_k=0, top_p=1.0) -> list[list[int]]:
+        out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
+                                   top_p=top_p, logprobs=None)
+        return [list(ids) for ids in out["completion_ids"]]
+
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]):
+        if not self.communicator_ready:  # NCCL group with the server's workers: only the merged path needs it
+            self.client.init_communicator(device=weights[0][1].device)
+            self.communicator_ready = True
+        metadata = [(name, str(w.dtype).removeprefix("torch."), list(w.shape)) for name, w in weights]
+        self.client.update_named_params(metadata, iter(weights))
+
+    def rpc(self, method: str, *args: str):
+        import requests
+
+        session = self.session or requests
+        response = session.post(f"{self.base_url}/collective_rpc", json={"method": method, "args": list(args)})
+        if response.status_code == 404:
+            raise RuntimeError(f"the vLLM server at {self.base_url} has no /collective_rpc endpoint; start it with "
+                               f"VLLM_SERVER_DEV_MODE=1 (scripts/serve_vllm.sh does), or use vllm_sync: merged")
+        if response.status_code != 200:
+            raise RuntimeError(f"the vLLM server at {self.base_url} refused {method}: {response.status_code} "
+                               f"{response.text[:300]}; is it running --worker-extension-cls {WORKER_EXTENSION}? "
+                               f"(scripts/serve_vllm.sh starts it so), or use vllm_sync: merged")
+        return response.json()
+
+    def reset_prefix_cache(self):
+        self.client.reset_prefix_cache()
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the server holds its weights in (its resolved config), bfloat16 if it does not say."""
+        try:
+            name = str(self.client.get_server_info()["model_config"]["dtype"])
+        except Exception:  # noqa: BLE001 - an older server without /server_info, or another layout
+            return torch.bfloat16
+        return getattr(torch, name.removeprefix("torch."), torch.bfloat16)
+
+
+class ColocateEngine:
+    """A vLLM engine in the training process, sharing its GPU (TRL's colocate mode)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, prompts, n, temperature, max_tokens, top_k=0, top_p=1.0) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, top_k=top_k, top_p=top_p)
+        outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        return [list(o.token_ids) for output in outputs for o in output.outputs]
+
+    def load_weights(self, weights):
+        # The in-process worker, as TRL's colocate mode reaches it.
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+
+    def rpc(self, method: str, *args: str):
+        return self.llm.collective_rpc(method, args=tuple(args))
+
+    def reset_prefix_cache(self):
+        self.llm.reset_prefix_cache()
+
+    def dtype(self) -> torch.dtype:
+        return self.llm.llm_engine.model_config.dtype
 
 
 class VLLMRollouts:
-    """Sample from a running vLLM server (`trl vllm-serve` / `vllm serve` with NCCL weight transfer) and push
-    the merged SVF weights to it after each optimizer step. Needs `pip install t2edit[vllm]` and a GPU."""
+    """Rollouts from vLLM (a `ServerEngine` or `ColocateEngine`), kept in step with the policy by `sync_weights`."""
 
-    def __init__(self, model: SVFModel, tokenizer, base_url: str = "http://localhost:8000",
-                 connection_timeout: float = 240.0, client=None):
-        self.model, self.tokenizer = model, tokenizer
-        if client is None:
-            try:
-                from trl.generation.vllm_client import VLLMClient
-            except ImportError as error:  # vllm / requests missing
-                raise RuntimeError(f"vLLM rollouts need the vllm extra: pip install 't2edit[vllm]' ({error})") from None
-            try:
-                client = VLLMClient(base_url=base_url, connection_timeout=connection_timeout)
-            except ConnectionError:
-                raise RuntimeError(f"no vLLM server answers at {base_url}; start one with scripts/serve_vllm.sh "
-                                   f"on the rollout GPU, or set rollout_backend: transformers") from None
-            client.init_communicator(device=model.device)
-        self.client = client
+    def __init__(self, model: SVFModel, tokenizer, engine, sync: str = "z", dtype: torch.dtype | None = None):
+        if sync not in ("z", "merged"):
+            raise ValueError(f"vllm_sync={sync!r}; choose z (send z only) or merged (send W')")
+        self.model, self.tokenizer, self.engine, self.sync = model, tokenizer, engine, sync
+        self.dtype = dtype or engine.dtype()
+        self.sent_z: dict[str, torch.Tensor] | None = None  # z as the engine has it (None: never synced)
+        self.last_sync: dict = {}
+        self.generated_tokens, self.generate_seconds = 0, 0.0
 
     def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
-        out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_new_tokens,
-                                   top_k=top_k, top_p=top_p, logprobs=None)
+        started = time.perf_counter()
+        flat = self.engine.generate(prompts, n, temperature, max_new_tokens, top_k=top_k, top_p=top_p)
+        self.generate_seconds += time.perf_counter() - started
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        ids = [trim_at_eos(list(c), eos, pad) for c in out["completion_ids"]]
+        ids = [trim_at_eos(c, eos, pad) for c in flat]
+        self.generated_tokens += sum(len(c) for c in ids)
         return [ids[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def sync_weights(self):
-        weights = list(merged_svf_weights(self.model))
-        metadata = [(name, str(w.dtype).removeprefix("torch."), list(w.shape)) for name, w in weights]
-        self.client.update_named_params(metadata, iter(weights))
-        self.client.reset_prefix_cache()
+    def changed_layers(self, full: bool = False) -> list[str]:
+        """SVF layers whose z differs from what the engine holds (all of them on a full sync), in model order."""
+        z = self.model.get_z()
+        if full or self.sent_z is None:
+            return list(z)
+        return [name for name, value in z.items() if not torch.equal(value, self.sent_z[name])]
+
+    def sync_weights(self, full: bool = False):
+        started = time.perf_counter()
+        if full or self.sent_z is None:
+            full = True
+            if self.sync == "z":
+                self._send_factors()
+        names = self.changed_layers(full)
+        z = self.model.get_z()
+        if names:
+            if self.sync == "z":
+                from t2edit.vllm_worker import encode_z
+
+                payload = encode_z({name: z[name] for name in names})
+                self.engine.rpc("svf_set_z", payload)
+                sent_bytes = len(payload)
+            else:
+                weights = list(merged_svf_weights(self.model, self.dtype, names))
+                self.engine.load_weights(weights)
+                sent_bytes = sum(w.numel() * w.element_size() for _, w in weights)
+            self.engine.reset_prefix_cache()  # cached KV of the old weights must not be reused
+        else:
+            sent_bytes = 0
+        self.sent_z = z
+        self.last_sync = {"layers": len(names), "bytes": sent_bytes, "full": full,
+                          "seconds": time.perf_counter() - started}
+
+    def _send_factors(self):
+        # Written to a temporary directory on this machine, read by the workers, then removed: the server must
+        # see this filesystem (the two-GPU recipe runs both on one machine).
+        with tempfile.TemporaryDirectory(prefix="t2edit-svf-factors-") as directory:
+            manifest = export_factors(self.model, directory, str(self.dtype).removeprefix("torch."))
+            self.engine.rpc("svf_load_factors", manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the vLLM backend a training run asks for
+# ----------------------------------------------------------------------------------------------------------------
+
+def require_vllm():
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(f"vLLM rollouts need vLLM, which is not installed: {INSTALL_HINT}")
+
+
+def check_single_process(accelerator):
+    """vLLM rollouts run in one training process: the server (or the colocated engine) is driven by it alone."""
+    processes = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+    if processes > 1:
+        raise RuntimeError(
+            f"vLLM rollouts need one training process, but accelerate started {processes}: launch with "
+            f"`accelerate launch --num_processes 1 ...` and show the trainer only its GPU "
+            f"(CUDA_VISIBLE_DEVICES=1 for the trainer, CUDA_VISIBLE_DEVICES=0 for the server)")
+
+
+def connect_server(base_url: str, connection_timeout: float = 240.0):
+    """TRL's `VLLMClient` for a running server, or one clear error naming the URL and the fix."""
+    require_vllm()
+    import requests
+
+    try:
+        from trl.generation.vllm_client import VLLMClient
+
+        return VLLMClient(base_url=base_url, connection_timeout=connection_timeout)
+    except ImportError as error:
+        raise RuntimeError(f"vLLM rollouts could not start ({error}): {INSTALL_HINT}") from None
+    except requests.exceptions.ConnectionError:
+        raise RuntimeError(f"no vLLM server answers at {base_url} (waited {connection_timeout:.0f} s): start one on "
+                           f"the rollout GPU with `CUDA_VISIBLE_DEVICES=0 bash scripts/serve_vllm.sh MODEL`, fix "
+                           f"vllm_server_url, or set rollout_backend: transformers") from None
+
+
+def detect_sync(engine) -> str:
+    """"z" when the server runs the t2edit worker extension, else "merged" (the fallback)."""
+    try:
+        engine.rpc("svf_ping")
+        return "z"
+    except Exception:  # noqa: BLE001 - any refusal means the extension is not there
+        return "merged"
+
+
+def make_vllm_rollouts(model: SVFModel, tokenizer, mode: str = "server", sync: str = "auto",
+                       base_url: str = "http://localhost:8000", accelerator=None, model_name: str | None = None,
+                       gpu_memory_utilization: float = 0.3, connection_timeout: float = 240.0) -> VLLMRollouts:
+    """The vLLM backend of a training run. `mode`: "server" (another GPU) or "colocate" (this GPU, this process);
+    `sync`: "z", "merged" or "auto" (z where the worker extension is loaded)."""
+    if mode not in ("server", "colocate"):
+        raise ValueError(f"vllm_mode={mode!r}; choose server or colocate")
+    check_single_process(accelerator)
+    if mode == "server":
+        engine = ServerEngine(connect_server(base_url, connection_timeout), base_url)
+        if sync == "auto":
+            sync = detect_sync(engine)
+    else:
+        require_vllm()
+        engine = ColocateEngine(start_colocated_engine(model, model_name, gpu_memory_utilization))
+        sync = "z" if sync == "auto" else sync
+    return VLLMRollouts(model, tokenizer, engine, sync=sync)
+
+
+def start_colocated_engine(model: SVFModel, model_name: str | None, gpu_memory_utilization: float):
+    """A vLLM engine in this process on this GPU, with the z-only worker extension loaded."""
+    from vllm import LLM
+
+    name = model_name or getattr(model.config, "_name_or_path", None)
+    if not name:
+        raise ValueError("colocate mode loads the model into vLLM by name or path; set `model` in the config")
+    # vLLM's external launcher runs the worker in this process and reads the usual torch.distributed variables.
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dtype = str(next(model.base_model.parameters()).dtype).removeprefix("torch.")
+    return LLM(model=name, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+               distributed_executor_backend="external_launcher", worker_extension_cls=WORKER_EXTENSION,
+               enable_prefix_caching=True, max_num_batched_tokens=4096)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+__all__ = ["ColocateEngine", "HFRollouts", "Rollouts", "ServerEngine", "VLLMRollouts", "check_single_process",
+           "connect_server", "export_factors", "make_vllm_rollouts", "merged_svf_weights", "sync_bytes",
+           "trim_at_eos"]

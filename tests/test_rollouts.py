@@ -1,53 +1,265 @@
-"""vLLM integration, tested against recorded calls of TRL's VLLMClient (no vLLM or GPU needed)."""
-import torch
+"""vLLM integration without vLLM or a GPU: the rollout classes run against `mock.create_autospec` of TRL's real
+`VLLMClient` (a changed TRL signature fails these tests), and the z-only worker extension runs on a plain copy of
+the base model standing in for vLLM's model (its `load_weights` takes HF names, as vLLM's does)."""
+import copy
+import socket
+from types import SimpleNamespace
+from unittest import mock
 
-from t2edit.rollouts import HFRollouts, VLLMRollouts, merged_svf_weights, trim_at_eos
+import pytest
+import torch
+from trl.generation.vllm_client import VLLMClient
+
+from t2edit import rollouts as rollouts_module
+from t2edit.data.records import EditRecord
+from t2edit.rollouts import (HFRollouts, ServerEngine, VLLMRollouts, make_vllm_rollouts, merged_svf_weights,
+                             sync_bytes, trim_at_eos)
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
+from t2edit.training import SVFTrainer, TrainConfig, greedy_answers
+from t2edit.vllm_worker import SVFWorkerExtension, decode_z, encode_z
+
+URL = "http://127.0.0.1:8000"
 
 
-class RecordingClient:
-    """Stands in for trl.generation.vllm_client.VLLMClient and records what the trainer sends it."""
+def autospec_client(completion_ids=()):
+    client = mock.create_autospec(VLLMClient, instance=True)
+    client.generate.return_value = {"prompt_ids": [], "completion_ids": [list(c) for c in completion_ids],
+                                    "logprobs": None, "logprob_token_ids": None}
+    client.get_server_info.return_value = {"model_config": {"dtype": "torch.bfloat16"}}
+    return client
 
-    def __init__(self, completion_ids):
-        self.completion_ids = completion_ids
-        self.calls = []
 
-    def generate(self, prompts, n=1, temperature=1.0, max_tokens=16, logprobs=0, **_):
-        self.calls.append(("generate", list(prompts), n, temperature, max_tokens))
-        return {"prompt_ids": [[1]] * len(prompts), "completion_ids": self.completion_ids}
+def recorded_updates(client):
+    """The (metadata, tensors) of every update_named_params call; the iterator is consumed like NCCL would."""
+    calls = []
+    client.update_named_params.side_effect = lambda metadata, params: calls.append(
+        (metadata, [(n, t.clone()) for n, t in params]))
+    return calls
 
-    def update_named_params(self, metadata, named_params):
-        self.calls.append(("update_named_params", metadata, [(n, t.clone()) for n, t in named_params]))
 
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache",))
+class FakeVLLMModel:
+    """What vLLM's model offers the worker: `load_weights([(hf_name, tensor)])`; here a plain copy of the base
+    model whose parameters are overwritten by name."""
+
+    def __init__(self, base_model):
+        self.net = copy.deepcopy(base_model)
+        self.loaded: list[tuple[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        params = dict(self.net.named_parameters())
+        for name, tensor in weights:
+            self.loaded.append((name, tensor.clone()))
+            with torch.no_grad():
+                params[name].copy_(tensor)
+
+
+class FakeWorker(SVFWorkerExtension):
+    def __init__(self, base_model):
+        self.device = torch.device("cpu")
+        self.model_runner = SimpleNamespace(model=FakeVLLMModel(base_model))
+
+
+class FakeSession:
+    """vLLM's dev-mode /collective_rpc over HTTP: {"method", "args": [str]} → the worker method, or 404/500."""
+
+    def __init__(self, worker=None, status=200):
+        self.worker, self.status, self.posts = worker, status, []
+
+    def post(self, url, json):
+        self.posts.append((url, json))
+        if self.status != 200:
+            return SimpleNamespace(status_code=self.status, text="no", json=lambda: {})
+        assert all(isinstance(a, str) for a in json["args"]), "vLLM's endpoint passes only strings"
+        result = getattr(self.worker, json["method"])(*json["args"])
+        return SimpleNamespace(status_code=200, text="", json=lambda: {"results": [result]})
+
+
+def svf_pair(tiny_tokenizer, arch="llama", noise=0.5):
+    """An SVF model with perturbed z, and a pristine copy of its base model (the server's starting weights)."""
+    model = build_tiny_model(tiny_tokenizer, arch=arch)
+    pristine = copy.deepcopy(model)
+    torch.manual_seed(1)
+    return apply_svf(model, SVFConfig(z_init_noise=noise), progress=False), pristine
 
 
 def test_vllm_rollouts_group_completions_per_prompt_and_trim_at_eos(tiny_tokenizer):
-    svf = apply_svf(build_tiny_model(tiny_tokenizer), SVFConfig(), progress=False)
-    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
-    client = RecordingClient([[5, eos, 7], [6], [8, 9, eos], [10, eos]])
-    rollouts = VLLMRollouts(svf, tiny_tokenizer, client=client)
+    svf, _ = svf_pair(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    client = autospec_client([[5, eos, 7], [6], [8, 9, eos], [10, eos]])
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ServerEngine(client, URL), sync="merged")
     groups = rollouts.sample(["p1", "p2"], n=2, temperature=0.7, max_new_tokens=4)
     assert groups == [[[5, eos], [6]], [[8, 9, eos], [10, eos]]]
-    assert client.calls[0] == ("generate", ["p1", "p2"], 2, 0.7, 4)
+    client.generate.assert_called_once_with(["p1", "p2"], n=2, temperature=0.7, max_tokens=4, logprobs=None)
+    assert rollouts.generated_tokens == 8 and rollouts.dtype == torch.bfloat16  # the server's dtype
 
 
-def test_vllm_weight_sync_sends_merged_weights_under_hf_names(tiny_tokenizer):
-    for arch in ("llama", "gpt2"):
-        model = build_tiny_model(tiny_tokenizer, arch=arch)
-        svf = apply_svf(model, SVFConfig(z_init_noise=0.5), progress=False)
-        client = RecordingClient([])
-        VLLMRollouts(svf, tiny_tokenizer, client=client).sync_weights()
-        (_, metadata, tensors), reset = client.calls
-        assert reset == ("reset_prefix_cache",)
-        merged = svf.merge_and_unload().state_dict()  # what a plain HF checkpoint of the edited model holds
-        assert len(tensors) == len(svf.layer_names) and [m[0] for m in metadata] == [n for n, _ in tensors]
-        for (name, dtype, shape), (_, tensor) in zip(metadata, tensors):
-            assert name in merged, name
-            assert list(merged[name].shape) == shape and dtype == "float32"
-            assert torch.allclose(tensor, merged[name], atol=1e-6), name
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_sync_sends_changed_layers_as_merged_weights_in_the_server_dtype(tiny_tokenizer, arch):
+    svf, _ = svf_pair(tiny_tokenizer, arch)
+    client = autospec_client()
+    updates = recorded_updates(client)
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ServerEngine(client, URL), sync="merged")
+    rollouts.sync_weights(full=True)
+    client.init_communicator.assert_called_once_with(device=svf.device)
+    (metadata, tensors), = updates
+    merged = copy.deepcopy(svf).merge_and_unload().state_dict()  # what a HF checkpoint of the edited model holds
+    assert [m[0] for m in metadata] == [n for n, _ in tensors] == [f"{n}.weight" for n in svf.layer_names]
+    for (name, dtype, shape), (_, tensor) in zip(metadata, tensors):
+        assert (dtype, shape, tensor.dtype) == ("bfloat16", list(merged[name].shape), torch.bfloat16), name
+        assert torch.equal(tensor, merged[name].to(torch.bfloat16)), name
+    assert client.method_calls[-1] == mock.call.reset_prefix_cache()
+
+    with torch.no_grad():  # one layer changes: only it is sent
+        svf.z_parameters()[1].add_(0.25)
+    rollouts.sync_weights()
+    assert [m[0] for m in updates[1][0]] == [f"{svf.layer_names[1]}.weight"]
+    calls_before = len(client.method_calls)
+    rollouts.sync_weights()  # nothing changed: nothing sent, cache kept
+    assert len(client.method_calls) == calls_before and rollouts.last_sync["bytes"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_z_only_sync_recomposes_the_policy_weights_on_the_worker(tiny_tokenizer, arch):
+    svf, pristine = svf_pair(tiny_tokenizer, arch)
+    worker = FakeWorker(pristine)
+    session = FakeSession(worker)
+    client = autospec_client()
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ServerEngine(client, URL, session=session), sync="z",
+                            dtype=torch.float32)
+    rollouts.sync_weights(full=True)
+    assert [p[1]["method"] for p in session.posts] == ["svf_load_factors", "svf_set_z"]
+    assert all(url == f"{URL}/collective_rpc" for url, _ in session.posts)
+    client.update_named_params.assert_not_called()  # no W' travels
+    client.init_communicator.assert_not_called()  # and no NCCL group is needed
+    client.reset_prefix_cache.assert_called_once_with()
+    served = worker.model_runner.model.net
+    merged = copy.deepcopy(svf).merge_and_unload()
+    for name, tensor in merged.state_dict().items():
+        assert torch.allclose(served.state_dict()[name], tensor, atol=1e-5, rtol=1e-5), name
+    prompts = ["The capital of Foo is", "The spouse of Ann is"]
+    assert greedy_answers(served, tiny_tokenizer, prompts, 4) == greedy_answers(svf, tiny_tokenizer, prompts, 4)
+
+    with torch.no_grad():
+        svf.z_parameters()[0].mul_(0.5)
+    rollouts.sync_weights()
+    sent = decode_z(session.posts[-1][1]["args"][0])
+    assert list(sent) == [svf.layer_names[0]] and torch.equal(sent[svf.layer_names[0]], svf.z_parameters()[0])
+    assert rollouts.last_sync["bytes"] < 4 * svf.z_parameters()[0].numel() * 4 / 3 + 200  # base64 of fp32 + JSON
+
+
+def test_z_payload_round_trips_exactly():
+    z = {"a.b": torch.randn(7), "c": torch.randn(3)}
+    back = decode_z(encode_z(z))
+    assert list(back) == ["a.b", "c"] and all(torch.equal(back[k], z[k]) for k in z)
+
+
+def test_sync_bytes_match_the_payloads_and_llama_sizes(tiny_tokenizer):
+    svf, _ = svf_pair(tiny_tokenizer)
+    shapes = [tuple(layer.merged_weight().shape) for layer in svf.svf_layers().values()]
+    sizes = sync_bytes(shapes, bytes_per_weight=2)
+    assert sizes["merged"] == sum(w.numel() * 2 for _, w in merged_svf_weights(svf, torch.bfloat16))
+    assert sizes["z"] == 4 * sum(p.numel() for p in svf.z_parameters())
+    mlp = [(8192, 2048), (8192, 2048), (2048, 8192)] * 16  # Llama-3.2-1B: gate, up, down per layer
+    assert sync_bytes(mlp, 2) == {"merged": 1_610_612_736, "z": 393_216}
+
+
+def tiny_trainer(tiny_tokenizer, output_dir, rollouts_for, steps=2, resume=False):
+    model = build_tiny_model(tiny_tokenizer)
+    pristine = copy.deepcopy(model)
+    edits = [EditRecord("Foo", "The capital of Foo is", ["Qux"], ["Bar"]),
+             EditRecord("Ann", "The spouse of Ann is", ["Carl"], ["Bob Smith"])]
+    config = TrainConfig(output_dir=str(output_dir), steps=steps, save_every=1, eval_every=0, progress=False,
+                         edits_per_step=2, neighbours_per_step=1, resume=resume)
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    rollouts = rollouts_for(svf, pristine)
+    return SVFTrainer(svf, tiny_tokenizer, edits, ["The capital of Baz is"], config, rollouts=rollouts), rollouts
+
+
+def test_trainer_syncs_in_full_before_step_one_and_after_resume(tiny_tokenizer, tmp_path):
+    workers = []
+
+    def z_rollouts(svf, pristine):
+        workers.append(FakeWorker(pristine))
+        engine = ServerEngine(autospec_client(), URL, session=FakeSession(workers[-1]))
+        rollouts = VLLMRollouts(svf, tiny_tokenizer, engine, sync="z", dtype=torch.float32)
+        hf = HFRollouts(svf, tiny_tokenizer)
+        rollouts.sample = hf.sample  # sample with the policy; only the sync is under test
+        return rollouts
+
+    trainer, rollouts = tiny_trainer(tiny_tokenizer, tmp_path / "run", z_rollouts, steps=2)
+    first_sync = mock.patch.object(rollouts, "sync_weights", wraps=rollouts.sync_weights)
+    with first_sync as spy:
+        trainer.train()
+    assert spy.call_args_list[0] == mock.call(full=True) and len(spy.call_args_list) == 3  # full + one per step
+    trained_z = trainer.model.get_z()
+
+    # A resumed run (here: already at its last step) must bring a fresh server to the checkpoint's z at once.
+    resumed, _ = tiny_trainer(tiny_tokenizer, tmp_path / "run", z_rollouts, steps=2, resume=True)
+    resumed.train()
+    served = workers[-1].model_runner.model
+    assert {n.removesuffix(".weight") for n, _ in served.loaded} == set(resumed.model.layer_names)
+    merged = copy.deepcopy(resumed.model).merge_and_unload().state_dict()
+    assert all(torch.allclose(served.net.state_dict()[n], merged[n], atol=1e-5) for n, _ in served.loaded)
+    assert all(torch.equal(resumed.model.get_z()[k], trained_z[k]) for k in trained_z)
+
+
+class FakeAccelerator:
+    def __init__(self, num_processes):
+        self.num_processes, self.is_main_process = num_processes, True
+        self.device = torch.device("cpu")
+
+
+def test_multi_process_launch_is_refused_before_any_client_exists(tiny_tokenizer, monkeypatch):
+    svf, _ = svf_pair(tiny_tokenizer)
+    constructor = mock.create_autospec(VLLMClient)
+    monkeypatch.setattr("trl.generation.vllm_client.VLLMClient", constructor)
+    with pytest.raises(RuntimeError, match=r"--num_processes 1.*CUDA_VISIBLE_DEVICES"):
+        make_vllm_rollouts(svf, tiny_tokenizer, accelerator=FakeAccelerator(2))
+    constructor.assert_not_called()
+
+
+def test_single_process_builds_one_client_on_the_main_process(tiny_tokenizer, monkeypatch):
+    svf, _ = svf_pair(tiny_tokenizer)
+    constructor = mock.create_autospec(VLLMClient)
+    constructor.return_value = autospec_client()
+    monkeypatch.setattr("trl.generation.vllm_client.VLLMClient", constructor)
+    monkeypatch.setattr(rollouts_module, "require_vllm", lambda: None)
+    # The server answers 404 on /collective_rpc (no dev mode): auto falls back to merged-weight sync.
+    monkeypatch.setattr(rollouts_module.ServerEngine, "rpc", mock.Mock(side_effect=RuntimeError("404")))
+    rollouts = make_vllm_rollouts(svf, tiny_tokenizer, sync="auto", base_url=URL, accelerator=FakeAccelerator(1),
+                                  connection_timeout=5)
+    constructor.assert_called_once_with(base_url=URL, connection_timeout=5)
+    assert rollouts.sync == "merged"
+
+
+def test_missing_vllm_gives_the_install_fix(tiny_tokenizer, monkeypatch):
+    svf, _ = svf_pair(tiny_tokenizer)
+    monkeypatch.setattr(rollouts_module.importlib.util, "find_spec", lambda name: None)
+    for mode in ("server", "colocate"):
+        with pytest.raises(RuntimeError, match=r"not installed: pip install 't2edit\[vllm\]'"):
+            make_vllm_rollouts(svf, tiny_tokenizer, mode=mode)
+
+
+def test_server_down_gives_the_url_and_the_fix(tiny_tokenizer, monkeypatch):
+    """TRL's real client against a closed port raises requests.ConnectionError; we turn it into one message."""
+    svf, _ = svf_pair(tiny_tokenizer)
+    monkeypatch.setattr(rollouts_module, "require_vllm", lambda: None)
+    monkeypatch.setattr("trl.generation.vllm_client.is_vllm_available", lambda *a, **k: True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(RuntimeError, match=rf"no vLLM server answers at {url}.*serve_vllm.sh"):
+        make_vllm_rollouts(svf, tiny_tokenizer, base_url=url, connection_timeout=0)
+
+
+def test_z_sync_names_the_fix_when_the_server_lacks_the_extension(tiny_tokenizer):
+    svf, _ = svf_pair(tiny_tokenizer)
+    for status, fix in ((404, "VLLM_SERVER_DEV_MODE=1"), (500, "--worker-extension-cls")):
+        engine = ServerEngine(autospec_client(), URL, session=FakeSession(status=status))
+        with pytest.raises(RuntimeError, match=fix):
+            VLLMRollouts(svf, tiny_tokenizer, engine, sync="z").sync_weights(full=True)
 
 
 def test_hf_rollouts_sample_n_per_prompt(tiny_tokenizer):

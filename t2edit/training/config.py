@@ -76,6 +76,11 @@ class TrainConfig:
     wandb_project: str = "t2edit"
     rollout_backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
     vllm_server_url: str = "http://localhost:8000"
+    vllm_mode: str = field(default="server", metadata={
+        "help": "server (vLLM on another GPU, scripts/serve_vllm.sh) | colocate (vLLM inside this process, one GPU)"})
+    vllm_sync: str = field(default="auto", metadata={
+        "help": "auto | z (send only z to the t2edit worker extension) | merged (send W' under HF names)"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "colocate mode: vLLM's GPU share"})
     progress: bool = True
 
     def svf_config(self) -> SVFConfig:

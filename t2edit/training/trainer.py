@@ -266,6 +266,7 @@ class SVFTrainer:
         elif (self.output_dir / CHECKPOINT_NAME).exists():
             raise FileExistsError(f"{self.output_dir} holds a checkpoint of an earlier run; pass --resume to "
                                   f"continue it or choose another output_dir")
+        self.rollouts.sync_weights(full=True)  # a vLLM sampler starts from the policy's z (fresh or resumed)
         tracker = _start_wandb(config) if self.is_main else None
         metrics_path = self.output_dir / METRICS_NAME
         if not config.resume and metrics_path.exists():

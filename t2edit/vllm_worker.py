@@ -1,0 +1,86 @@
+"""z-only weight sync: the half that runs inside vLLM's workers, on the rollout GPU.
+
+vLLM mixes `SVFWorkerExtension` into its GPU worker when started with
+`--worker-extension-cls t2edit.vllm_worker.SVFWorkerExtension` (server) or `LLM(worker_extension_cls=...)`
+(colocate), so its methods see the worker's `self.model_runner` and `self.device`. The trainer drives them through
+`collective_rpc`; vLLM's HTTP endpoint passes only strings, so every argument is a JSON string:
+
+1. `svf_load_factors(manifest)` once per run (and after a resume): U, s, Vᵀ of every SVF layer, read from the
+   safetensors files the trainer wrote (same machine), are kept on the rollout GPU next to the served model.
+2. `svf_set_z(payload)` after every optimizer step: only the z vectors (Llama-3.2-1B MLP: 98,304 floats, 393 KB)
+   travel; W' = U diag(s·f(z)) Vᵀ is recomposed here, with the trainer's own formula (`recompose`), and handed to
+   the model's `load_weights` under the base model's parameter names, which fuses gate/up and q/k/v as vLLM needs.
+
+This module imports only torch, safetensors and t2edit.svf, so it loads in any vLLM process.
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import torch
+
+PAYLOAD_VERSION = 1
+
+
+def encode_z(z: dict[str, torch.Tensor]) -> str:
+    """z vectors → one JSON string (float32 little-endian bytes, base64), in the order given."""
+    layers = {name: base64.b64encode(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).decode()
+              for name, v in z.items()}
+    return json.dumps({"version": PAYLOAD_VERSION, "layers": layers})
+
+
+def decode_z(payload: str) -> dict[str, torch.Tensor]:
+    data = json.loads(payload)
+    if data.get("version") != PAYLOAD_VERSION:
+        raise ValueError(f"z payload version {data.get('version')!r}; this worker reads version {PAYLOAD_VERSION} "
+                         f"(install the same t2edit on the trainer and the vLLM server)")
+    return {name: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.float32)
+            for name, text in data["layers"].items()}
+
+
+def recompose(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor, svf_config: dict) -> torch.Tensor:
+    """W' (out, in) in the factors' dtype, exactly as `SVFLinear.merged_weight` builds it."""
+    from t2edit.svf import SVFConfig
+
+    config = SVFConfig(**svf_config)
+    s32 = s.float()
+    sigma = s32 * config.multiplier(z.to(s.device, torch.float32))
+    if config.norm_preserving:
+        sigma = sigma * (s32.sum() / sigma.sum())
+    return (U * sigma.to(U.dtype)) @ Vh
+
+
+class SVFWorkerExtension:
+    """Mixed into vLLM's worker: holds the SVF factors on the rollout GPU and rebuilds W' from z."""
+
+    def svf_ping(self) -> str:
+        return f"t2edit-svf-{PAYLOAD_VERSION}"
+
+    def svf_load_factors(self, manifest: str) -> int:
+        from safetensors.torch import load_file
+
+        spec = json.loads(manifest)
+        self._svf_config = spec["svf_config"]
+        self._svf_dtype = getattr(torch, spec["dtype"])
+        self._svf_layers = {}
+        for layer in spec["layers"]:
+            tensors = load_file(layer["path"], device=str(self.device))
+            self._svf_layers[layer["name"]] = (tensors["U"], tensors["S"], tensors["Vh"], bool(layer["transposed"]))
+        return len(self._svf_layers)
+
+    def svf_set_z(self, payload: str) -> int:
+        layers = getattr(self, "_svf_layers", None)
+        if layers is None:
+            raise RuntimeError("svf_set_z before svf_load_factors: the trainer must send the factors first")
+        weights = []
+        with torch.no_grad():
+            for name, z in decode_z(payload).items():
+                U, s, Vh, transposed = layers[name]
+                weight = recompose(U, s, Vh, z, self._svf_config).to(self._svf_dtype)
+                weights.append((f"{name}.weight", weight.T.contiguous() if transposed else weight))
+            self.model_runner.model.load_weights(weights)
+        return len(weights)
+
+
+__all__ = ["SVFWorkerExtension", "decode_z", "encode_z", "recompose"]
