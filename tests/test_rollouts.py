@@ -90,7 +90,8 @@ def test_vllm_rollouts_group_completions_per_prompt_and_trim_at_eos(tiny_tokeniz
     rollouts = VLLMRollouts(svf, tiny_tokenizer, ServerEngine(client, URL), sync="merged")
     groups = rollouts.sample(["p1", "p2"], n=2, temperature=0.7, max_new_tokens=4)
     assert groups == [[[5, eos], [6]], [[8, 9, eos], [10, eos]]]
-    client.generate.assert_called_once_with(["p1", "p2"], n=2, temperature=0.7, max_tokens=4, logprobs=None)
+    client.generate.assert_called_once_with(["p1", "p2"], n=2, temperature=0.7, max_tokens=4, top_k=0, top_p=1.0,
+                                            logprobs=None)
     assert rollouts.generated_tokens == 8 and rollouts.dtype == torch.bfloat16  # the server's dtype
 
 
