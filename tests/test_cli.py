@@ -27,7 +27,7 @@ def test_train_with_a_missing_config_is_one_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_world(tmp_path):
     out = tmp_path / "demo"
-    code = main(["demo", "--world", "tiny", "--n-edits", "6", "--steps", "30", "--out", str(out)])
+    code = main(["demo", "--model", "world", "--world", "tiny", "--n-edits", "6", "--steps", "30", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     rows = results["methods"]

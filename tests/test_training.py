@@ -276,3 +276,18 @@ def test_shared_prompt_scoring_equals_one_forward_per_row(tiny_tokenizer, arch):
     assert torch.allclose(shared[0], plain[0], atol=1e-4), (shared[0], plain[0])
     assert torch.allclose(shared[1], plain[1], atol=1e-4) and shared[1][3] > 0
     assert torch.allclose(shared[2], plain[2], atol=1e-4, rtol=1e-3)
+
+
+def test_llm_preset_fills_what_the_user_did_not_set_and_the_yaml_spells_it_out(tmp_path):
+    import yaml
+
+    from t2edit.training import PRESETS, apply_preset, parse_train_config, preset_name
+
+    assert preset_name(None) == "world" and preset_name("smollm2-135m") == "llm"
+    config = parse_train_config(["--model", "smollm2-135m", "--learning_rate", "0.3", "--output_dir", str(tmp_path)])
+    assert config.learning_rate == 0.3  # given on the command line: kept
+    assert config.top_k == PRESETS["llm"]["top_k"] and config.sample_neighbours is False  # filled from the preset
+    world = apply_preset(TrainConfig())
+    assert world.learning_rate == TrainConfig().learning_rate and world.sample_neighbours == TrainConfig().sample_neighbours
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "smollm2-135m.yaml").read_text())
+    assert {k: shipped[k] for k in PRESETS["llm"]} == PRESETS["llm"]

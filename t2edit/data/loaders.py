@@ -228,9 +228,16 @@ def _detect_format(rows: list) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- reading sources
+# Record files shipped with the package, by name. "real-facts": 36 counterfactual edits of facts a small pretrained
+# LLM knows (capitals, authors, founders...), KnowEdit format; the first 24 are the demo's edits, the rest its
+# training pool (neighbours, IKE demonstrations, router negatives).
+SHIPPED_DATA = {"real-facts": Path(__file__).resolve().parent / "real_facts.json",
+                "builtin": Path(__file__).resolve().parent / "builtin_facts.json"}
+
+
 def _read_rows(source: str | os.PathLike, split: str) -> tuple[list, str]:
     """The raw records of a JSON / JSONL file or a hub dataset, and a name for messages."""
-    path = Path(source)
+    path = SHIPPED_DATA.get(str(source), Path(source))
     if path.is_file():
         try:
             text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark

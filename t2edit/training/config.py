@@ -46,9 +46,9 @@ class TrainConfig:
     temperature: float = 1.0
     top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens (0: all)"})
     top_p: float = 1.0
-    sample_neighbours: bool = field(default=False, metadata={
+    sample_neighbours: bool = field(default=True, metadata={
         "help": "also sample neighbour prompts and reward keeping the unedited answer (the locality reward); "
-                "default: neighbours are anchored by the KL term on the unedited answer alone"})
+                "false: neighbours are anchored by the KL term on the unedited answer alone (the llm preset)"})
     stop_at_edit_success: float = field(default=0.0, metadata={
         "help": "stop once greedy edit success on the edit prompts reaches this (checked every eval_every; 0: off)"})
     precision: str = field(default="auto", metadata={
