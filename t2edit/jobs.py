@@ -80,9 +80,12 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
     from t2edit.baselines import get_editor
 
     if method in ("svf", "svf-always"):
-        from t2edit.training import SVFEditor, TrainConfig
+        from t2edit.training import SVFEditor, TrainConfig, apply_preset
 
-        config = train_config or TrainConfig(output_dir=str(Path(output_dir) / "svf"))
+        # The settings of the model being edited: the world preset for fact worlds, the llm preset otherwise.
+        config = train_config or apply_preset(TrainConfig(
+            model=None if setup.world_report is not None else setup.model_name,
+            output_dir=str(Path(output_dir) / "svf"), progress=False))
         return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
                          neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf")
     if method == "ike":
