@@ -277,7 +277,8 @@ class SVFLinear(nn.Module):
         """W' as (out, in), in the base layer's dtype; rebuilt only when z has changed since the last call."""
         key = (self.z._version, self.z.data_ptr())
         if self._cached_weight is None or self._cache_key != key:
-            with torch.no_grad():
+            # Full precision whatever autocast is active: at the neutral z, W' must equal W.
+            with torch.no_grad(), torch.autocast(self.U.device.type, enabled=False):
                 sigma = self.singular_values().to(self.U.dtype)
                 weight = (self.U * sigma) @ self.Vh
                 self._cached_weight = weight.to(self.base_layer.weight.dtype)

@@ -55,6 +55,8 @@ class TrainConfig:
         "help": "auto (bf16 autocast on GPUs and AMX CPUs, else fp32) | bf16 | fp32"})
     rows_per_chunk: int = field(default=64, metadata={
         "help": "rollouts scored per forward/backward (gradients accumulate over a step's chunks; bounds memory)"})
+    reference_batch: int = field(default=128, metadata={
+        "help": "neighbours whose unedited answers are generated together, when a step needs new ones"})
     router_calibration_prompts: int = field(default=512, metadata={
         "help": "neighbour / anchor prompts sampled to calibrate the router (0: all)"})
     max_new_tokens: int = field(default=0, metadata={"help": "0: longest answer in tokens + 2"})
