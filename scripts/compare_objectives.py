@@ -38,6 +38,13 @@ def run_one(objective: str, args, overrides: dict) -> dict:
             "steps": rows[-1]["step"], "final_edit_success": curve[-1][2] if curve else None}
 
 
+def load_run(objective: str, directory: str) -> dict:
+    rows = [json.loads(line) for line in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["seconds"], r["edit_success_greedy"]) for r in rows if "edit_success_greedy" in r]
+    return {"objective": objective, "reused_from": directory, "total_seconds": rows[-1]["seconds"], "curve": curve,
+            "steps": rows[-1]["step"], "final_edit_success": curve[-1][2] if curve else None}
+
+
 def seconds_to(curve, level: float):
     return next((seconds for _, seconds, es in curve if es >= level), None)
 
@@ -53,12 +60,17 @@ def main(argv=None):
     parser.add_argument("--level", type=float, default=0.9, help="edit success the wall times are measured to")
     parser.add_argument("--set", action="append", default=[], help="TrainConfig override key=value")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--reuse", action="append", default=[],
+                        help="OBJECTIVE=DIR: take that objective's curve from an earlier run's DIR/metrics.jsonl "
+                             "(same settings, same machine) instead of training it again")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("t",) else value
-    results = [run_one(objective, args, overrides) for objective in args.objectives.split(",")]
+    reused = dict(item.split("=", 1) for item in args.reuse)
+    results = [load_run(objective, reused[objective]) if objective in reused else run_one(objective, args, overrides)
+               for objective in args.objectives.split(",")]
     for result in results:
         result["seconds_to_level"] = seconds_to(result["curve"], args.level)
     out = Path(args.out)
