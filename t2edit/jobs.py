@@ -90,8 +90,10 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
                          neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf")
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
-    if method == "ft" and setup.world_report is not None:
-        return get_editor("ft", lr=1e-2)  # EasyEdit's lr 5e-4 (for 7B models) moves a tiny world model not at all
+    if method in ("ft", "lora"):  # settings by kind of model: fact world, small or large real model
+        from t2edit.baselines.defaults import baseline_options
+
+        return get_editor(method, **baseline_options(method, setup.model, world=setup.world_report is not None))
     return get_editor(method)
 
 

@@ -11,8 +11,10 @@ import torch
 
 from t2edit.baselines import (METHODS, EditInputError, FTEditor, FTEditorConfig, IKEEditor, LoRAEditor,
                               LoRAEditorConfig, PromptEditor, UnknownEditorError, get_editor)
+from t2edit.baselines.defaults import LARGE_REAL, SMALL_REAL, WORLD, baseline_options, baseline_profile
 from t2edit.baselines.ft import mlp_output_module_name
 from t2edit.baselines.ike import BM25, copy_demo
+from t2edit.baselines.target_loss import masked_target_loss, target_batches, train_on_targets
 from t2edit.data.records import EditRecord, Probe
 from t2edit.editing import Editor, NoEdit
 from t2edit.evaluation import teacher_forced_accuracy
@@ -303,3 +305,117 @@ def test_registry_imports_svf_lazily():
     probe = "import sys, t2edit.baselines; print('t2edit.training' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+
+def test_batched_target_loss_is_the_mean_of_each_edit_alone(world, model):
+    """Left padding, position ids and logits of the last positions only give each edit the loss it has alone."""
+    tokenizer, records = world["tokenizer"], world["edits"] + world["pool"][:3]
+    device = torch.device("cpu")
+    with torch.no_grad():
+        alone = [masked_target_loss(model, target_batches(tokenizer, [r], 1, device)[0]) for r in records]
+        together = masked_target_loss(model, target_batches(tokenizer, records, 32, device)[0])
+    assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-5)
+
+
+def test_stop_loss_skips_steps_once_the_targets_are_learned(world, model):
+    tokenizer, record = world["tokenizer"], world["edits"][0]
+    weights = _weights(model)
+    edited = FTEditor(FTEditorConfig(lr=1e-2, stop_loss=1e6)).edit(model, tokenizer, [record])
+    assert all(torch.equal(t, weights[k]) for k, t in model.state_dict().items())  # loss < 1e6: no step at all
+    edited.restore()
+    batches = target_batches(tokenizer, [record], 1, torch.device("cpu"))
+    layer = model.get_submodule(mlp_output_module_name(model, None))
+    losses = train_on_targets(model, [layer.weight], batches, steps=50, lr=1e-2, stop_loss=0.5)
+    assert len(losses) < 50 and losses[-1] < 0.5 <= min(losses[:-1], default=1.0)
+
+
+def test_ft_norm_constraint_keeps_every_entry_near_the_original(world, model):
+    name = mlp_output_module_name(model, None) + ".weight"
+    original = model.state_dict()[name].clone()
+    edited = FTEditor(FTEditorConfig(lr=1e-2, steps=5, stop_loss=None, norm_constraint=1e-3)).edit(
+        model, world["tokenizer"], world["edits"][:2])
+    change = (model.state_dict()[name] - original).abs()
+    assert 0 < change.max() <= 1e-3 + 1e-7
+    edited.restore()
+    assert torch.equal(model.state_dict()[name], original)
+
+
+def test_bf16_edits_keep_float32_weights_and_restore_exactly(world, model):
+    tokenizer, records = world["tokenizer"], world["edits"]
+    weights = _weights(model)
+    for editor in (FTEditor(FTEditorConfig(lr=1e-2, precision="bf16")),
+                   LoRAEditor(LoRAEditorConfig(precision="bf16"))):
+        before = _edit_success(model, tokenizer, records)
+        edited = editor.edit(model, tokenizer, records)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert _edit_success(edited.model, tokenizer, records) > before + 0.5
+        edited.restore()
+        assert all(torch.equal(t, weights[k]) for k, t in model.state_dict().items())
+    with pytest.raises(EditInputError, match="precision='fp16'.*auto, bf16, fp32"):
+        LoRAEditorConfig(precision="fp16")
+
+
+def test_lora_layers_limit_the_adapters_to_those_layers(world, model):
+    edited = LoRAEditor(LoRAEditorConfig(steps=1, layers=(1,))).edit(model, world["tokenizer"], world["edits"][:1])
+    adapted = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted and all(".layers.1." in name for name in adapted)
+    edited.restore()
+
+
+# ---------------------------------------------------------------------------------------------- defaults by model
+
+def _meta_llama(num_layers: int, hidden: int, intermediate: int):
+    """A Llama of the given shape with no memory behind it: enough to count parameters and layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=num_layers,
+                         num_attention_heads=8, num_key_value_heads=8, vocab_size=32000)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_defaults_follow_the_kind_of_model(world, tiny_tokenizer):
+    tiny_llama = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
+    assert baseline_profile(world["model"], world=True) is WORLD
+    assert baseline_profile(tiny_llama, world=False) is SMALL_REAL
+    assert baseline_profile(_meta_llama(32, 4096, 11008), world=False) is LARGE_REAL  # Llama-2-7b's shape
+
+    assert baseline_options("ft", world["model"], world=True) == {"lr": 1e-2, "stop_loss": None}
+    assert baseline_options("lora", world["model"], world=True) == {}
+    small_ft = baseline_options("ft", tiny_llama, world=False)
+    assert small_ft["layer"] == 1 and small_ft["lr"] == SMALL_REAL.ft["lr"]  # depth 1/6 of 6 layers
+    assert baseline_options("ft", _meta_llama(30, 64, 128), world=False)["layer"] == 5  # SmolLM2's 30 layers
+    assert baseline_options("ft", _meta_llama(32, 4096, 11008), world=False)["layer"] == 21  # EasyEdit's layer
+    assert baseline_options("lora", tiny_llama, world=False)["lr"] == SMALL_REAL.lora["lr"]
+    with pytest.raises(ValueError, match="ft and lora"):
+        baseline_options("ike", tiny_llama, world=False)
+
+
+def test_make_editor_gives_world_and_real_models_their_own_settings(world, tiny_tokenizer):
+    from t2edit.jobs import EditingSetup, make_editor
+
+    tiny_llama = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
+    as_world = EditingSetup(world["model"], world["tokenizer"], world["edits"], world["pool"], [], "world",
+                            world_report={"seed": 0})
+    as_real = EditingSetup(tiny_llama, tiny_tokenizer, world["edits"], world["pool"], [], "tiny-llama")
+    world_ft, real_ft = make_editor("ft", as_world), make_editor("ft", as_real)
+    assert (world_ft.config.lr, world_ft.config.layer, world_ft.config.stop_loss) == (1e-2, None, None)
+    assert (real_ft.config.lr, real_ft.config.layer, real_ft.config.precision) == (2e-3, 1, "auto")
+    assert make_editor("lora", as_world).config == LoRAEditorConfig()
+    assert make_editor("lora", as_real).config.steps == SMALL_REAL.lora["steps"]
+
+
+def test_real_model_ft_trains_only_its_named_layer_and_restores_exactly(world, tiny_tokenizer):
+    from t2edit.jobs import EditingSetup, make_editor
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
+    record = EditRecord(subject="Foo", prompt="The capital of Foo is", target_new=["Qux"])
+    weights = _weights(model)
+    editor = make_editor("ft", EditingSetup(model, tiny_tokenizer, [record], [], [], "tiny-llama"))
+    edited = editor.edit(model, tiny_tokenizer, [record])
+    changed = {k for k, t in model.state_dict().items() if not torch.equal(t, weights[k])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight"}
+    edited.restore()
+    assert all(torch.equal(t, weights[k]) for k, t in model.state_dict().items())
