@@ -24,7 +24,7 @@ from t2edit.data.records import EditRecord, Probe
 from t2edit.editing import EditedModel, Editor
 from t2edit.experts import CONFIG_NAME, Expert
 
-ROW_ROUTERS = ("oracle", "embedding", "scope", "classifier", "prompt", "cem", "uniform")
+ROW_ROUTERS = ("oracle", "embedding", "scope", "hybrid", "classifier", "prompt", "cem", "uniform")
 
 
 def split_records(records: Sequence[EditRecord], k: int) -> list[list[EditRecord]]:
@@ -341,3 +341,51 @@ def plot_sequential(curve: list[dict], path: Path):
 
 __all__ = ["AdaptiveEditor", "ROW_ROUTERS", "composition_table", "cross_two_hop", "negatives_for",
            "oracle_assignments", "run_composition", "run_sequential", "split_records", "train_experts"]
+
+
+def routing_rates(model, tokenizer, records: Sequence[EditRecord], negatives: Sequence[str],
+                  held_out: Sequence[str], routers: Sequence[str] = ("embedding", "scope"), margin: float = 0.5,
+                  router_kwargs: dict | None = None) -> dict:
+    """Share of prompts each router sends to an expert (and to the right one), one placeholder expert per record
+    (z neutral: routing needs no trained expert). Keys and thresholds come from the edit prompts and `negatives`
+    (other records only); the records' locality / portability prompts are only scored."""
+    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routers import annotate_expert, encode, get_router
+    from t2edit.routing import calibrate_router
+    from t2edit.svf import apply_svf
+
+    tokenizer.padding_side = "left"
+    svf = apply_svf(model, progress=False) if not hasattr(model, "svf_layers") else model
+    experts = []
+    for record in records:
+        router = calibrate_router(svf, tokenizer, [record.prompt], list(negatives), margin)
+        expert = Expert.from_model(svf, router=router, info={"name": record.subject})
+        annotate_expert(expert, [record])
+        experts.append(expert)
+    probes: dict[str, list[tuple[str, int | None]]] = {"edit": [(r.prompt, i) for i, r in enumerate(records)],
+                                                         "held-out other facts": [(p, None) for p in held_out]}
+    for i, record in enumerate(records):
+        for kind, items in record.locality.items():
+            probes.setdefault(f"locality/{kind}", []).extend((p.prompt, None) for p in items if p.prompt)
+        for kind, items in record.portability.items():
+            probes.setdefault(f"portability/{kind}", []).extend((p.prompt, i) for p in items if p.prompt)
+    out = {}
+    for name in routers:
+        started = time.perf_counter()
+        adaptive = AdaptiveModel(svf, experts, get_router(name, **(router_kwargs or {}).get(name, {})), tokenizer,
+                                 negatives=list(negatives))
+        rates = {}
+        for kind, items in probes.items():
+            weights = torch.cat([adaptive.router.weights(b) for b in encode(adaptive, tokenizer,
+                                                                            [p for p, _ in items], 32)])
+            choice = weights.argmax(-1)
+            routed = choice < len(experts)
+            right = [bool(r) and (want is None or c == want) for r, c, (_, want) in
+                     zip(routed.tolist(), choice.tolist(), items)]
+            rates[kind] = {"n": len(items), "routed": routed.float().mean().item(),
+                           "to_right_expert": sum(right) / len(items)}
+        rates["threshold"] = getattr(adaptive.router, "threshold", None)
+        rates["seconds"] = time.perf_counter() - started
+        out[name] = rates
+    svf.unload()
+    return out
