@@ -351,14 +351,21 @@ def routing_rates(model, tokenizer, records: Sequence[EditRecord], negatives: Se
     (other records only); the records' locality / portability prompts are only scored."""
     from t2edit.adaptation import AdaptiveModel
     from t2edit.routers import annotate_expert, encode, get_router
-    from t2edit.routing import calibrate_router
     from t2edit.svf import apply_svf
 
     tokenizer.padding_side = "left"
     svf = apply_svf(model, progress=False) if not hasattr(model, "svf_layers") else model
+    import torch.nn.functional as F
+
+    from t2edit.routing import Router, encode_prompts
+
+    # calibrate_router's keys and threshold per record, with the negatives encoded once for all records
+    negative_states = F.normalize(encode_prompts(svf, tokenizer, list(negatives)), dim=-1)
+    keys = F.normalize(encode_prompts(svf, tokenizer, [r.prompt for r in records]), dim=-1)
     experts = []
-    for record in records:
-        router = calibrate_router(svf, tokenizer, [record.prompt], list(negatives), margin)
+    for i, record in enumerate(records):
+        closest = (negative_states @ keys[i]).max().item()
+        router = Router(keys=keys[i:i + 1], threshold=min(closest + margin * (1 - closest), 1 - 1e-4))
         expert = Expert.from_model(svf, router=router, info={"name": record.subject})
         annotate_expert(expert, [record])
         experts.append(expert)
