@@ -133,8 +133,10 @@ class ScopeRouter(ExpertRouter):
 
     name = "scope"
 
-    def __init__(self, layer: int = 0, margin: float = 0.1, threshold: float | None = None):
-        self.layer, self.margin, self.fixed_threshold = layer, margin, threshold
+    def __init__(self, layer: int = 0, margin: float = 0.1, threshold: float | None = None, quantile: float = 1.0):
+        # quantile < 1 calibrates on that quantile of the negatives' scores instead of the highest one: KnowEdit
+        # repeats some (subject, relation) pairs across records, and one such negative scores 1.0 (measured).
+        self.layer, self.margin, self.fixed_threshold, self.quantile = layer, margin, threshold, quantile
 
     def fit(self, model, tokenizer=None, negatives=(), **_):
         super().fit(model)
@@ -175,7 +177,8 @@ class ScopeRouter(ExpertRouter):
         if self.fixed_threshold is not None:
             self.threshold = self.fixed_threshold
         elif negatives:
-            closest = max(self._scores(b).max().item() for b in encode(model, tokenizer, list(negatives)))
+            best = torch.cat([self._scores(b).max(-1).values for b in encode(model, tokenizer, list(negatives))])
+            closest = best.quantile(self.quantile).item()
             self.threshold = min(closest + self.margin * (1 - closest), 1 - 1e-4)
         else:
             self.threshold = 0.8  # without negatives: a default; calibrate for real use
