@@ -6,6 +6,10 @@
 * forward: an SVF model's forward (weight recomposed once per z change) vs the base model's forward.
 * routing: two-pass inference (router pass over the unedited model, then the expert on routed rows) vs one pass.
 * train_step: forward + backward to z (factored gradient) vs the same through the base model's full weights.
+* adaptive_k{K}: K experts behind a router (t2edit.adaptation), every row of the batch a different expert,
+  two passes vs one SVF pass, for K = 1, 16 and N (--experts-n), each mixing strategy (rows: per-row singular
+  values through U and V; groups: one U diag(σ) Vᵀ per distinct mixture); also one prompt alone, and the
+  memory of one expert on disk and in RAM.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ def main():
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512, help="batch of 4 sequences of tokens/4")
+    parser.add_argument("--experts-n", type=int, default=100, help="N for the adaptive_k{N} rows")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
 
@@ -67,6 +72,8 @@ def main():
             routed_fwd = _timed(lambda: routed(input_ids=ids, attention_mask=mask))
         rows.append(("forward", "base", base_fwd, "SVF (cached W')", svf_fwd))
         rows.append(("routing", "SVF (one pass)", svf_fwd, "two-pass (routed)", routed_fwd))
+        with torch.no_grad():
+            memory = adaptive_rows(svf, ids, args.experts_n, rows)
 
         optimizer = torch.optim.Adam(svf.z_parameters(), lr=1e-3)
 
@@ -100,9 +107,55 @@ def main():
         print(f"{name:<12} {ref_name:<24} {ref:8.3f} {cand_name:<22} {cand:8.3f} {ref / cand:7.1f}x")
         results.append({"benchmark": name, "reference": ref_name, "reference_s": ref, "candidate": cand_name,
                         "candidate_s": cand, "speedup": ref / cand})
+    print(f"one expert: {memory['disk_bytes'] / 1024:.1f} KiB on disk, {memory['ram_bytes'] / 1024:.1f} KiB in RAM "
+          f"(z only; the base weights are shared by all experts)")
     with open(args.out, "w") as handle:
-        json.dump({"device": device, "args": vars(args), "results": results}, handle, indent=2)
+        json.dump({"device": device, "args": vars(args), "results": results, "expert_memory": memory}, handle,
+                  indent=2)
     print(f"wrote {args.out}")
+
+
+def adaptive_rows(svf, ids, n_experts: int, rows: list) -> dict:
+    """Two-pass latency with K experts (each row of the batch routed to another expert) against one SVF pass."""
+    import os
+
+    from t2edit.adaptation import AdaptiveModel
+    from t2edit.experts import Expert
+    from t2edit.routers import ExpertRouter, one_hot_choice
+
+    class EachRowAnotherExpert(ExpertRouter):
+        name = "bench"
+
+        def weights(self, batch):
+            choice = torch.arange(batch.input_ids.shape[0]) % self.num_experts
+            return one_hot_choice(choice, self.num_experts)
+
+    def make_expert(seed):
+        generator = torch.Generator().manual_seed(seed)
+        z = {k: 1 + 0.1 * torch.randn(v.shape, generator=generator) for k, v in svf.get_z().items()}
+        svf.set_z(z)
+        expert = Expert.from_model(svf)
+        svf.reset_z()
+        return expert
+
+    experts = [make_expert(seed) for seed in range(max(n_experts, 16))]
+    mask = torch.ones_like(ids)
+    one_pass = _timed(lambda: svf(input_ids=ids, attention_mask=mask))
+    single = ids[:1]
+    one_pass_single = _timed(lambda: svf(input_ids=single, attention_mask=mask[:1]))
+    for k in sorted({1, 16, n_experts}):
+        for mixing in ("rows", "groups"):
+            model = AdaptiveModel(svf, experts[:k], EachRowAnotherExpert(), mixing=mixing)
+            two = _timed(lambda: model(input_ids=ids, attention_mask=mask))
+            rows.append((f"adaptive_k{k}", "SVF (one pass)", one_pass, f"two-pass, {mixing}", two))
+        model = AdaptiveModel(svf, experts[:k], EachRowAnotherExpert(), mixing="auto")
+        two_single = _timed(lambda: model(input_ids=single, attention_mask=mask[:1]))
+        rows.append((f"adaptive_k{k}_1prompt", "SVF (one pass)", one_pass_single, "two-pass, auto", two_single))
+    with tempfile.TemporaryDirectory() as directory:
+        experts[0].save_pretrained(directory)
+        disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    ram = sum(t.numel() * t.element_size() for t in experts[0].z.values())
+    return {"disk_bytes": disk, "ram_bytes": ram}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `t2edit` command: `demo`, `world build`, `train`, `eval`."""
+"""The `t2edit` command: `demo`, `world build`, `train`, `eval`, `infer`."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="batch: all edits at once; single: edit, score, restore per record")
     evaluate.add_argument("--no-fluency", action="store_true", help="skip the fluency generations")
     evaluate.add_argument("--out", default="runs/eval", help="output directory")
+    evaluate.add_argument("--composition", default=None, metavar="K[,K...]",
+                          help="split the edits into K independently trained experts and score each router "
+                               "(1: one expert for all; N or 0: one expert per edit), e.g. 1,4,16,0")
+    evaluate.add_argument("--sequential", action="store_true",
+                          help="add single-edit experts one at a time; curve of ES / Loc / Port (sequential.png)")
+    evaluate.add_argument("--routers", default=None,
+                          help="routers for --composition / --sequential (default: all / scope,embedding)")
+
+    infer = sub.add_parser("infer", help="two-pass inference with many experts (same as scripts/infer.py)")
+    from t2edit.infer import add_arguments
+
+    add_arguments(infer)
     return parser
 
 
@@ -79,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             from t2edit.training import main as train_main
 
             train_main(args.args)
+        elif args.command == "infer":
+            from t2edit.infer import main as infer_main
+
+            return infer_main(argv[1:])
+        elif args.command == "eval" and (args.composition or args.sequential):
+            _eval_many_experts(args)
         elif args.command == "eval":
             from t2edit.jobs import load_setup, run_eval
 
@@ -89,6 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"t2edit {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _eval_many_experts(args):
+    from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
+    from t2edit.jobs import load_setup
+
+    setup = load_setup(args.model, args.data, args.start, args.n)
+    routers = [r.strip() for r in args.routers.split(",")] if args.routers else None
+    if args.composition:
+        try:
+            ks = [int(k) for k in args.composition.split(",")]
+        except ValueError:
+            raise ValueError(f"--composition {args.composition!r}: give numbers of experts, e.g. 1,4,16,0") from None
+        run_composition(setup, ks, args.out, routers=routers or ROW_ROUTERS)
+    if args.sequential:
+        run_sequential(setup, args.out, routers=routers or ("scope", "embedding"))
 
 
 def _world_build(args):

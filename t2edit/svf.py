@@ -260,6 +260,9 @@ class SVFLinear(nn.Module):
         self._cache_key = None
         self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
         self.row_gate: torch.Tensor | None = None  # [batch] of 0/1: which rows of the batch use the expert (routing)
+        # Several experts at once (t2edit.adaptation): a callable (layer, x) -> output that gives each row of the
+        # batch its own mixture; it takes over the whole forward while set.
+        self.row_plan = None
 
     @property
     def rank(self) -> int:
@@ -267,11 +270,28 @@ class SVFLinear(nn.Module):
 
     def singular_values(self) -> torch.Tensor:
         """σ = s · f(z) (· Σs / Σ(s·f(z)) when norm-preserving), differentiable in z."""
+        return self.singular_values_for(self.z)
+
+    def singular_values_for(self, z: torch.Tensor) -> torch.Tensor:
+        """σ for any z of shape [..., rank] (e.g. one mixture per row of a batch), by the one mask function."""
         s = self.s.float()
-        sigma = s * self.config.multiplier(self.z)
+        sigma = s * self.config.multiplier(z.float())
         if self.config.norm_preserving:
-            sigma = sigma * (s.sum() / sigma.sum())
+            sigma = sigma * (s.sum() / sigma.sum(-1, keepdim=True))
         return sigma
+
+    def weight_for(self, sigma: torch.Tensor) -> torch.Tensor:
+        """U diag(σ) Vᵀ as (out, in) in the base layer's dtype: `merged_weight`'s arithmetic for a given σ."""
+        return ((self.U * sigma.to(self.U.dtype)) @ self.Vh).to(self.base_layer.weight.dtype)
+
+    def forward_row_sigma(self, x: torch.Tensor, sigma_rows: torch.Tensor) -> torch.Tensor:
+        """y = ((x V) ⊙ σ_row) Uᵀ + b with σ_row [batch, rank]: every row of the batch gets its own singular
+        values through the shared factors, so no weight is built or copied per expert or per mixture."""
+        shape = (sigma_rows.shape[0],) + (1,) * (x.dim() - 2) + (sigma_rows.shape[-1],)
+        h = (x.to(self.Vh.dtype) @ self.Vh.T) * sigma_rows.to(self.Vh.dtype).view(shape)
+        out = (h @ self.U.T).to(x.dtype)
+        bias = self.base_layer.bias
+        return out + bias if bias is not None else out
 
     def merged_weight(self) -> torch.Tensor:
         """W' as (out, in), in the base layer's dtype; rebuilt only when z has changed since the last call."""
@@ -279,15 +299,15 @@ class SVFLinear(nn.Module):
         if self._cached_weight is None or self._cache_key != key:
             # Full precision whatever autocast is active: at the neutral z, W' must equal W.
             with torch.no_grad(), torch.autocast(self.U.device.type, enabled=False):
-                sigma = self.singular_values().to(self.U.dtype)
-                weight = (self.U * sigma) @ self.Vh
-                self._cached_weight = weight.to(self.base_layer.weight.dtype)
+                self._cached_weight = self.weight_for(self.singular_values())
             self._cache_key = key
         return self._cached_weight
 
     def forward(self, x):
         if self.bypass:
             return self.base_layer(x)
+        if self.row_plan is not None:
+            return self.row_plan(self, x)
         weight = self.merged_weight()
         bias = self.base_layer.bias
         if torch.is_grad_enabled() and self.z.requires_grad:
@@ -430,6 +450,11 @@ def rows_routed(model: SVFModel, gate: torch.Tensor):
     return _layers_set(model, row_gate=gate)
 
 
+def rows_planned(model: SVFModel, plan):
+    """Context in which every SVF layer hands its forward to `plan(layer, x)` (per-row expert mixtures)."""
+    return _layers_set(model, row_plan=plan)
+
+
 def apply_svf(model: nn.Module, config: SVFConfig | None = None, progress: bool = True) -> SVFModel:
     """Decompose the chosen layers of `model` (in place), freeze everything else, return an `SVFModel`."""
     config = config or SVFConfig()
@@ -459,4 +484,4 @@ def svf_config_dict(config: SVFConfig) -> dict:
 
 
 __all__ = ["SVFConfig", "SVFLinear", "SVFModel", "SVDCache", "apply_svf", "find_target_layers", "model_bypassed",
-           "model_fingerprint", "rows_routed", "weight_fingerprint", "svf_config_dict"]
+           "model_fingerprint", "rows_planned", "rows_routed", "weight_fingerprint", "svf_config_dict"]

@@ -1,0 +1,398 @@
+"""Compositional and sequential editing with many experts (`t2edit eval --composition K` / `--sequential`).
+
+Composition: N edits split into K experts trained independently; each (K, router) row is scored by the one
+evaluation path (`evaluate_editor`) with an `AdaptiveModel` as the edited model, next to one expert holding all
+N edits. Two-hop questions whose two facts live in different experts are scored as their own column.
+
+Sequential: single-edit experts are added one at a time (expert n+1 is trained alone, in its own directory;
+experts 1..n are never retrained or rewritten) and all edits so far are scored after each addition.
+
+Training pools follow the no-leakage rule for the whole edited set: no expert trains on, and no router is fitted
+on, any prompt the evaluation scores for ANY edited record (locality, portability, rephrase).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from t2edit.data.records import EditRecord, Probe
+from t2edit.editing import EditedModel, Editor
+from t2edit.experts import CONFIG_NAME, Expert
+
+ROW_ROUTERS = ("oracle", "embedding", "scope", "hybrid", "classifier", "prompt", "cem", "uniform")
+
+
+def split_records(records: Sequence[EditRecord], k: int) -> list[list[EditRecord]]:
+    """k contiguous, near-equal chunks (k = len(records): one edit per expert)."""
+    if not 1 <= k <= len(records):
+        raise ValueError(f"--composition K={k} must lie in [1, number of edits = {len(records)}]")
+    bounds = [round(i * len(records) / k) for i in range(k + 1)]
+    return [list(records[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def template_prompts(records: Sequence[EditRecord], blocked: set[str], limit: int = 400, seed: int = 0) -> list[str]:
+    """Other questions nobody scores: the edit prompts' relation templates asked about every entity the records
+    name (subjects, old and new objects), minus the blocked prompts; a seeded sample of `limit`. When every
+    fact of a world is some record's scored prompt (the built-in world with all records edited), these are the
+    prompts left for locality training and router calibration."""
+    import random
+
+    from t2edit.training.pools import SUBJECT_SLOT, relation_templates
+
+    stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in records]
+    templates = sorted({t for ts in relation_templates(stripped, with_locality=False).values() for t in ts})
+    entities = sorted({r.subject for r in records} | {a for r in records for a in r.target_new + r.ground_truth})
+    prompts = sorted({t.replace(SUBJECT_SLOT, e, 1) for t in templates for e in entities} - blocked)
+    return random.Random(seed).sample(prompts, min(limit, len(prompts)))
+
+
+def training_pools(setup, edited: Sequence[EditRecord], chunk: Sequence[EditRecord]) -> tuple[list[str], list[str]]:
+    """Neighbour prompts and same-subject anchors for one expert, minus every prompt scored for any edited record."""
+    from t2edit.training import forbidden_prompts, neighbour_candidates, subject_neighbour_candidates
+
+    blocked = forbidden_prompts(list(edited)) | {r.prompt for r in edited}
+    pool = [p for p in neighbour_candidates(list(edited), setup.other_records, setup.extra_neighbour_prompts)
+            if p not in blocked]
+    # Other edits lend their relation templates (edit prompts only: their scored prompts stay unseen).
+    stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in edited
+                if r not in chunk]
+    subject = [p for p in subject_neighbour_candidates(list(chunk), setup.other_records + stripped)
+               if p not in blocked]
+    return pool, subject
+
+
+def negatives_for(setup, edited: Sequence[EditRecord]) -> list[str]:
+    """What routers are fitted on besides the experts: other facts and the edited subjects asked about other
+    relations (training-side prompts only)."""
+    from t2edit.training import forbidden_prompts
+
+    pool, subject = training_pools(setup, edited, edited)
+    blocked = forbidden_prompts(list(edited)) | {r.prompt for r in edited} | set(pool) | set(subject)
+    # Template questions only calibrate routers: as training neighbours they drowned single edits (measured).
+    return pool + subject + template_prompts(list(edited) + list(setup.other_records), blocked)
+
+
+def steps_for(n_edits: int, base_steps: int) -> int:
+    """Fewer steps for small experts: measured on the built-in world (README), a single edit is learned in ~30."""
+    return max(30, min(base_steps, 30 + 2 * n_edits))
+
+
+def train_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
+                  base_config=None, progress: bool = True) -> list[Path]:
+    """Train one expert per chunk (skipping chunks whose expert is already on disk: adding an expert never
+    retrains or rewrites another). Returns the expert directories."""
+    from tqdm.auto import tqdm
+
+    from t2edit.routers import annotate_expert
+    from t2edit.svf import apply_svf
+    from t2edit.training import SVFTrainer, TrainConfig
+
+    base = base_config or TrainConfig()
+    dirs = []
+    for i, chunk in enumerate(tqdm(chunks, desc=f"{len(chunks)} experts", disable=not progress)):
+        run_dir = Path(out_dir) / f"expert-{i:04d}"
+        expert_dir = run_dir / "expert"
+        dirs.append(expert_dir)
+        if (expert_dir / CONFIG_NAME).exists():
+            continue
+        config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
+                         steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
+                         # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
+                         # the edit (measured: a single edit was not learned at all in 100 steps).
+                         neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
+        pool, subject = training_pools(setup, edited, chunk)
+        svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
+        try:
+            expert = SVFTrainer(svf_model, setup.tokenizer, chunk, pool, config, subject_prompts=subject).train()
+            annotate_expert(expert, chunk)
+            expert.save_pretrained(expert_dir)
+        finally:
+            svf_model.unload()
+    return dirs
+
+
+class AdaptiveEditor(Editor):
+    """K trained experts behind a router, as an Editor: `edit` loads them over the model and fits the router once
+    (on the experts and the negatives; the records it is asked to edit only decide which experts exist)."""
+
+    def __init__(self, expert_dirs: Sequence[str | Path], router_factory: Callable[[], object], name: str,
+                 negatives: Sequence[str] = (), mixing: str = "auto"):
+        self.expert_dirs, self.router_factory, self.name = [str(d) for d in expert_dirs], router_factory, name
+        self.negatives, self.mixing = list(negatives), mixing
+        self.router = None
+        self.fit_seconds = 0.0
+
+    def edit(self, model, tokenizer, records):
+        from t2edit.adaptation import AdaptiveModel
+
+        experts = [Expert.from_pretrained(d) for d in self.expert_dirs]
+        fit = self.router is None
+        if fit:
+            self.router = self.router_factory()
+        started = time.perf_counter()
+        adaptive = AdaptiveModel.from_experts(model, experts, self.router, tokenizer, mixing=self.mixing, fit=fit,
+                                              negatives=self.negatives)
+        if fit:
+            self.fit_seconds = time.perf_counter() - started
+        elif hasattr(self.router, "model"):
+            self.router.model = adaptive
+        adaptive.eval()
+        return EditedModel(model=adaptive, restore=adaptive.svf_model.unload)
+
+
+def oracle_assignments(chunks: list[list[EditRecord]], cross: Sequence[tuple[str, int, int]] = ()) -> dict:
+    """Scored prompt → {expert: weight}: the record's expert for its edit, rephrase and portability prompts; no
+    expert for locality prompts; for a two-hop prompt across experts, both experts' changes added."""
+    out: dict[str, dict[int, float]] = {}
+    for k, chunk in enumerate(chunks):
+        for record in chunk:
+            for prompt in [record.prompt] + [p.prompt for p in record.rephrase] + \
+                    [p.prompt for probes in record.portability.values() for p in probes]:
+                out[prompt] = {k: 1.0}
+            for probes in record.locality.values():
+                for p in probes:
+                    out.setdefault(p.prompt, {})
+    for prompt, a, b in cross:
+        out[prompt] = {a: 1.0, b: 1.0} if a != b else {a: 1.0}
+    return out
+
+
+def cross_two_hop(chunks: list[list[EditRecord]]) -> list[tuple[EditRecord, str, int, int]]:
+    """Two-hop questions whose two facts are both edits: A edits (s, r1) → t and B edits (t, r2) → t2, so "r2 of
+    the r1 of s" should now be t2. Built from the edit prompts alone; returns (record with that probe, prompt,
+    expert of A, expert of B)."""
+    where = {id(r): k for k, chunk in enumerate(chunks) for r in chunk}
+    by_subject: dict[str, list[EditRecord]] = {}
+    for chunk in chunks:
+        for r in chunk:
+            by_subject.setdefault(r.subject, []).append(r)
+    out = []
+    for chunk in chunks:
+        for a in chunk:
+            if not a.prompt.endswith(" is") or a.subject not in a.prompt:
+                continue
+            inner = a.prompt[:-3]
+            inner = inner[0].lower() + inner[1:]
+            for b in by_subject.get(a.target, []):
+                if b.subject in b.prompt:
+                    prompt = b.prompt.replace(b.subject, inner, 1)
+                    record = EditRecord(subject=a.subject, prompt=a.prompt, target_new=a.target_new,
+                                        portability={"two_hop_across_experts": [Probe(prompt, list(b.target_new))]})
+                    out.append((record, prompt, where[id(a)], where[id(b)]))
+    return out
+
+
+def _router_factory(name: str, chunks, cross):
+    from t2edit.routers import get_router
+
+    if name == "oracle":
+        return lambda: get_router("oracle", assignments=oracle_assignments(chunks, [(p, a, b) for _, p, a, b in cross]))
+    return lambda: get_router(name)
+
+
+def _score(editor, setup, records, cross_records, batch_size, progress):
+    from t2edit.evaluation import evaluate_editor
+
+    result = evaluate_editor(editor, setup.model, setup.tokenizer, records, fluency=False, progress=progress,
+                             batch_size=batch_size)
+    if cross_records:
+        cross = evaluate_editor(editor, setup.model, setup.tokenizer, cross_records, fluency=False,
+                                progress=False, batch_size=batch_size)
+        result.extra["two_hop_across"] = cross.portability
+        result.extra["two_hop_across_em"] = cross.portability_em
+        result.extra["n_two_hop_across"] = len(cross_records)
+    result.extra["router_fit_seconds"] = getattr(editor, "fit_seconds", None)
+    return result
+
+
+def run_composition(setup, ks: Sequence[int], out_dir: str, routers: Sequence[str] = ROW_ROUTERS,
+                    base_config=None, progress: bool = True, title: str = ""):
+    """The composition table. K = 1 gives the one-expert-for-all rows (applied to every prompt, and behind its
+    own embedding router); any other K splits the edits into K experts and scores each router. Each K's rows are
+    written to out_dir/rows-k{K}.json as they finish, so K values can run in separate processes; the table and
+    plot (composition.md, results.*) cover every K found in out_dir."""
+    from t2edit.routers import FixedRouter
+
+    edits = list(setup.edits)
+    n = len(edits)
+    negatives = negatives_for(setup, edits)
+    batch_size = 64 if setup.world_report is not None else 16
+    for k in ks:
+        k = n if k in (0, -1) or k > n else k
+        chunks = split_records(edits, k)
+        dirs = train_experts(setup, chunks, Path(out_dir) / f"experts-k{k}", edits, base_config, progress)
+        cross = cross_two_hop(chunks)
+        if k == 1:
+            rows = [("always", lambda: FixedRouter([1.0, 0.0])), ("embedding", _router_factory("embedding", chunks, []))]
+        else:
+            rows = [(name, _router_factory(name, chunks, cross)) for name in routers if not (name == "prompt" and k > 16)]
+        results = []
+        for name, factory in rows:
+            label = f"K={k} {name}"
+            editor = AdaptiveEditor(dirs, factory, label, negatives)
+            started = time.perf_counter()
+            results.append(_tag(_score(editor, setup, edits, [c for c, *_ in cross], batch_size, progress), k, label))
+            print(f"[t2edit] {label}: {time.perf_counter() - started:.1f} s", flush=True)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            Path(out_dir, f"rows-k{k}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+    return write_composition(out_dir, title or f"{setup.model_name}: {n} edits composed from K experts")
+
+
+def write_composition(out_dir: str, title: str = "composition"):
+    """Merge every rows-k*.json in out_dir into composition.md and results.{json,md,png}."""
+    from t2edit.evaluation import write_results
+    from t2edit.evaluation.runner import MethodResult
+
+    results = []
+    for path in sorted(Path(out_dir).glob("rows-k*.json"), key=lambda p: int(p.stem[6:])):
+        results += [MethodResult(**row) for row in json.loads(path.read_text())]
+    write_results(results, out_dir, title=title)
+    table = composition_table(results)
+    Path(out_dir, "composition.md").write_text(table + "\n")
+    print(table)
+    return results
+
+
+def _tag(result, k, label):
+    result.method = label
+    result.extra["k"] = k
+    return result
+
+
+def composition_table(results) -> str:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    lines = ["| experts / router | ES | Loc | Port | ES (EM) | Loc (EM) | Port (EM) | two-hop across experts "
+             "(EM) | s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.method} | {pct(r.edit_success)} | {pct(r.locality)} | {pct(r.portability)} | "
+                     f"{pct(r.edit_success_em)} | {pct(r.locality_em)} | {pct(r.portability_em)} | "
+                     f"{pct(r.extra.get('two_hop_across'))} ({pct(r.extra.get('two_hop_across_em'))}) | "
+                     f"{r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope", "embedding"), points: int = 10,
+                   base_config=None, progress: bool = True):
+    """Single-edit experts added one at a time; after each addition in a grid of `points` sizes, all edits so far
+    are scored (and the first edits alone, to see whether they keep their scores). Writes sequential.{json,png}."""
+    from t2edit.evaluation import evaluate_editor
+
+    edits = list(setup.edits)
+    n = len(edits)
+    chunks = split_records(edits, n)
+    dirs = train_experts(setup, chunks, Path(out_dir) / "experts-single", edits, base_config, progress)
+    sizes = sorted({max(1, round(n * i / points)) for i in range(1, points + 1)} | {1})
+    batch_size = 64 if setup.world_report is not None else 16
+    curve = []
+    for name in routers:
+        for size in sizes:
+            so_far = edits[:size]
+            negatives = negatives_for(setup, so_far)
+            editor = AdaptiveEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}", negatives)
+            result = evaluate_editor(editor, setup.model, setup.tokenizer, so_far, fluency=False, progress=False,
+                                     batch_size=batch_size)
+            first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(10, size)], fluency=False,
+                                    progress=False, batch_size=batch_size)
+            row = {"router": name, "edits": size, **{k: getattr(result, k) for k in (
+                "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
+                "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em}
+            curve.append(row)
+            print(f"[t2edit] sequential {name} {size:4d} edits: ES {row['edit_success']:.3f} "
+                  f"Loc {row['locality']:.3f} Port {row['portability']:.3f} "
+                  f"(first 10: ES {row['first10_edit_success']:.3f})", flush=True)
+            Path(out_dir, "sequential.json").write_text(json.dumps(curve, indent=1))
+    plot_sequential(curve, Path(out_dir) / "sequential.png")
+    return curve
+
+
+def plot_sequential(curve: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = list(dict.fromkeys(r["router"] for r in curve))
+    figure, axes = plt.subplots(1, len(routers), figsize=(5.5 * len(routers), 4), squeeze=False)
+    for axis, name in zip(axes[0], routers):
+        rows = [r for r in curve if r["router"] == name]
+        x = [r["edits"] for r in rows]
+        for key, style in (("edit_success", "o-"), ("locality", "s-"), ("portability", "^-"),
+                           ("edit_success_em", "o--"), ("portability_em", "^--")):
+            axis.plot(x, [100 * (r[key] or 0) for r in rows], style, label=key)
+        axis.set_title(f"sequential single-edit experts, router {name}")
+        axis.set_xlabel("edits so far (one expert each)")
+        axis.set_ylabel("%")
+        axis.set_ylim(0, 105)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+__all__ = ["AdaptiveEditor", "ROW_ROUTERS", "composition_table", "cross_two_hop", "negatives_for",
+           "oracle_assignments", "run_composition", "run_sequential", "split_records", "train_experts"]
+
+
+def routing_rates(model, tokenizer, records: Sequence[EditRecord], negatives: Sequence[str],
+                  held_out: Sequence[str], routers: Sequence[str] = ("embedding", "scope"), margin: float = 0.5,
+                  router_kwargs: dict | None = None) -> dict:
+    """Share of prompts each router sends to an expert (and to the right one), one placeholder expert per record
+    (z neutral: routing needs no trained expert). Keys and thresholds come from the edit prompts and `negatives`
+    (other records only); the records' locality / portability prompts are only scored."""
+    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routers import annotate_expert, encode, get_router
+    from t2edit.svf import apply_svf
+
+    tokenizer.padding_side = "left"
+    svf = apply_svf(model, progress=False) if not hasattr(model, "svf_layers") else model
+    import torch.nn.functional as F
+
+    from t2edit.routing import Router, encode_prompts
+
+    # calibrate_router's keys and threshold per record, with the negatives encoded once for all records
+    negative_states = F.normalize(encode_prompts(svf, tokenizer, list(negatives)), dim=-1)
+    keys = F.normalize(encode_prompts(svf, tokenizer, [r.prompt for r in records]), dim=-1)
+    experts = []
+    for i, record in enumerate(records):
+        closest = (negative_states @ keys[i]).max().item()
+        router = Router(keys=keys[i:i + 1], threshold=min(closest + margin * (1 - closest), 1 - 1e-4))
+        expert = Expert.from_model(svf, router=router, info={"name": record.subject})
+        annotate_expert(expert, [record])
+        experts.append(expert)
+    probes: dict[str, list[tuple[str, int | None]]] = {"edit": [(r.prompt, i) for i, r in enumerate(records)],
+                                                         "held-out other facts": [(p, None) for p in held_out]}
+    for i, record in enumerate(records):
+        for kind, items in record.locality.items():
+            probes.setdefault(f"locality/{kind}", []).extend((p.prompt, None) for p in items if p.prompt)
+        for kind, items in record.portability.items():
+            probes.setdefault(f"portability/{kind}", []).extend((p.prompt, i) for p in items if p.prompt)
+    out = {}
+    for name in routers:
+        started = time.perf_counter()
+        adaptive = AdaptiveModel(svf, experts, get_router(name, **(router_kwargs or {}).get(name, {})), tokenizer,
+                                 negatives=list(negatives))
+        rates = {}
+        for kind, items in probes.items():
+            weights = torch.cat([adaptive.router.weights(b) for b in encode(adaptive, tokenizer,
+                                                                            [p for p, _ in items], 32)])
+            choice = weights.argmax(-1)
+            routed = choice < len(experts)
+            right = [bool(r) and (want is None or c == want) for r, c, (_, want) in
+                     zip(routed.tolist(), choice.tolist(), items)]
+            rates[kind] = {"n": len(items), "routed": routed.float().mean().item(),
+                           "to_right_expert": sum(right) / len(items)}
+        rates["threshold"] = getattr(adaptive.router, "threshold", None)
+        rates["seconds"] = time.perf_counter() - started
+        out[name] = rates
+    svf.unload()
+    return out

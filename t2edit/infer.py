@@ -1,0 +1,110 @@
+"""`t2edit infer` / scripts/infer.py: load a base model and K experts, route and answer each prompt."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from t2edit.routers import ROUTERS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default=None,
+                        help="world directory or model name (smollm2-135m, a transformers path); default: the "
+                             "built-in fact world")
+    parser.add_argument("--experts", nargs="+", required=True, help="expert directories (expert_config.json inside)")
+    parser.add_argument("--router", default="embedding", choices=sorted(set(ROUTERS) - {"oracle"}),
+                        help="how experts are picked per prompt (default: embedding; scope: subject + relation)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--prompts", help="text file, one prompt per line")
+    parser.add_argument("--negatives", default=None,
+                        help="text file of prompts the experts must leave alone (calibrates scope / classifier / "
+                             "cem; default for the built-in world: its other facts)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--mixing", choices=["auto", "rows", "groups"], default="auto")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    return parser
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{what} file {path} not found; give a text file with one prompt per line")
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{what} file {path} holds no prompts (one per line)")
+    return lines
+
+
+def _load(model_name: str | None):
+    """(model, tokenizer, default negatives)."""
+    from t2edit.jobs import is_world_dir
+
+    if model_name is None or is_world_dir(model_name):
+        from t2edit.data.world import build_world, load_world, world_facts
+
+        world = build_world("builtin", progress=False) if model_name is None else load_world(model_name)
+        facts = world_facts(world.records, seed=world.report.get("seed", 0)).facts
+        return world.model, world.tokenizer, [f.prompt for f in facts]
+    from t2edit.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    return model, tokenizer, []
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from t2edit.adaptation import AdaptiveModel
+    from t2edit.experts import Expert
+    from t2edit.routers import get_router
+
+    prompts = args.prompt or _read_lines(args.prompts, "--prompts")
+    experts = [Expert.from_pretrained(d) for d in args.experts]
+    model, tokenizer, negatives = _load(args.model)
+    if args.negatives:
+        negatives = _read_lines(args.negatives, "--negatives")
+    edit_prompts = {e.get("prompt") for x in experts for e in x.info.get("edits", [])} | \
+        {p for x in experts for p in x.info.get("edit_prompts", [])}
+    subjects = {e.get("subject") for x in experts for e in x.info.get("edits", []) if e.get("subject")}
+    # An expert's own edit, or another question about its subject, is no negative by default.
+    negatives = [n for n in negatives if n not in edit_prompts and not any(s in n for s in subjects)]
+    if args.router == "classifier" and not negatives:
+        raise ValueError("--router classifier needs --negatives FILE (prompts the experts must leave alone)")
+    tokenizer.padding_side = "left"
+    adaptive = AdaptiveModel.from_experts(model, experts, get_router(args.router), tokenizer, mixing=args.mixing,
+                                          negatives=negatives).eval()
+    names = [str(Path(d)) for d in args.experts]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(adaptive.device)
+    with torch.no_grad():
+        out = adaptive.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    rows = []
+    for prompt, weights, answer in zip(prompts, adaptive.last_weights.tolist(), answers):
+        chosen = {names[k]: round(w, 4) for k, w in enumerate(weights[:-1]) if w != 0}
+        rows.append({"prompt": prompt, "experts": chosen, "none": round(weights[-1], 4), "answer": answer.strip()})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="infer", description=__doc__))
+    args = parser.parse_args(argv)
+    try:
+        rows = run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"infer: error: {error}", file=sys.stderr)
+        return 2
+    for row in rows:
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            chosen = ", ".join(f"{k} ({w:g})" for k, w in row["experts"].items()) or "no expert"
+            print(f"{row['prompt']!r}\n  experts: {chosen}\n  answer:  {row['answer']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

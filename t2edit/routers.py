@@ -1,0 +1,469 @@
+"""Routers: pass 1 of `t2edit.adaptation.AdaptiveModel`. Each maps a batch of prompts to a weight per expert plus
+"no expert" (the last column); all share one small interface:
+
+    router = get_router("scope")
+    router.fit(adaptive_model, tokenizer, negatives=[...])   # once, from the experts and training-side prompts
+    router.weights(prompt_batch)                              # [batch, K + 1], rows sum to 1
+
+| name       | decides from                                            | fitted on                                  |
+|------------|---------------------------------------------------------|--------------------------------------------|
+| embedding  | last-token state vs each expert's keys (nearest wins)    | the experts' own keys and thresholds       |
+| scope      | the edited subject's and relation's tokens, soft-matched | edit prompts + subjects; negatives         |
+| hybrid     | scope, else embedding                                    | both                                       |
+| classifier | a linear probe on the last-token state, "none" class     | edit prompts (class k), negatives ("none") |
+| prompt     | the model's own likelihood of each expert's description  | nothing (Transformer²'s first strategy)    |
+| cem        | one mixture for all prompts, found by the cross-entropy method on a handful of labelled examples    |
+| oracle     | the evaluation's own assignment of prompts to experts (a reference, never a product router)         |
+| uniform    | 1/K on every expert                                      | nothing                                    |
+
+Negatives are prompts the experts must leave alone that the evaluation does not score (other facts, and the
+edited subjects asked about other relations): never an edited record's locality / portability / rephrase prompt.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from t2edit.adaptation import AdaptiveModel, PromptBatch
+
+
+class ExpertRouter:
+    """The interface. `fit` may be a no-op; `weights` returns [batch, K + 1] (last column: no expert)."""
+
+    name = "router"
+
+    def fit(self, model: AdaptiveModel, tokenizer=None, negatives: Sequence[str] = (), **_) -> "ExpertRouter":
+        self.num_experts = model.num_experts
+        return self
+
+    def weights(self, batch: PromptBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def one_hot_choice(choice: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[batch] of expert indices (−1: none) → [batch, K + 1] one-hot weights."""
+    choice = torch.where(choice < 0, torch.full_like(choice, num_experts), choice)
+    return F.one_hot(choice.long(), num_experts + 1).float()
+
+
+def expert_edits(model: AdaptiveModel) -> list[list[dict]]:
+    """Per expert, its edits as {"prompt", "subject", "target"} (subject/target may be missing in old experts)."""
+    out = []
+    for expert in model.experts:
+        edits = expert.info.get("edits")
+        if edits is None:
+            edits = [{"prompt": p} for p in expert.info.get("edit_prompts", [])]
+        out.append(list(edits))
+    return out
+
+
+@torch.no_grad()
+def encode(model: AdaptiveModel, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> list[PromptBatch]:
+    """Pass 1 over prompts (no answers), in batches."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("routing reads each prompt's last token; set tokenizer.padding_side = 'left'")
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(model.device)
+        batches.append(model.pass1(enc["input_ids"], enc["attention_mask"]))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- embedding
+
+class EmbeddingRouter(ExpertRouter):
+    """Today's `t2edit.routing.Router` for K experts: each expert's keys (the unedited model's last-token states
+    of its edit prompts) and calibrated threshold, saved with the expert. A prompt goes to the expert with the
+    nearest key among those whose threshold it passes; below every threshold, to no expert.
+
+    Each expert's threshold was calibrated on that expert's own training neighbours only; with many experts a
+    prompt may sit close to another expert's keys. Given `negatives`, each threshold is raised (never lowered)
+    to `margin` of the way from the closest negative to 1 (measured on 100 single-edit experts: locality
+    83.4 → see README). Without negatives (one expert, as `RoutedModel`) the saved thresholds are used as they are."""
+
+    name = "embedding"
+
+    def __init__(self, margin: float = 0.5):
+        self.margin = margin
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        missing = [n for n, e in zip(model.expert_names(), model.experts) if e.router is None]
+        if missing:
+            raise ValueError(f"expert(s) {missing[:3]} have no router keys (mixtures, or trained by an older t2edit); "
+                             f"use --router scope / classifier, or retrain them")
+        self.keys = [e.router.keys.float() for e in model.experts]
+        self.thresholds = torch.tensor([e.router.threshold for e in model.experts])
+        if negatives:
+            states = F.normalize(torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer,
+                                                                                      list(negatives))]), dim=-1)
+            closest = torch.stack([(states @ keys.T).max() for keys in self.keys])
+            self.thresholds = torch.maximum(self.thresholds, (closest + self.margin * (1 - closest)).clamp(
+                max=1 - 1e-4))
+        return self
+
+    def similarities(self, batch) -> torch.Tensor:
+        states = F.normalize(batch.last_state.float(), dim=-1).cpu()
+        return torch.stack([(states @ keys.T).max(-1).values for keys in self.keys], -1)
+
+    def weights(self, batch):
+        sims = self.similarities(batch)
+        passing = sims >= self.thresholds
+        best = torch.where(passing, sims, torch.full_like(sims, -math.inf)).argmax(-1)
+        return one_hot_choice(torch.where(passing.any(-1), best, -1), self.num_experts)
+
+
+# ---------------------------------------------------------------------------------------------------- scope
+
+class ScopeRouter(ExpertRouter):
+    """Recognises an edit's subject and relation in other words (aliases, two-hop questions).
+
+    For each edit, the tokens of its subject and the tokens of the rest of its prompt (the relation) are kept as
+    vectors (layer `layer` of pass 1; 0 = the input embeddings), weighted by how rare each token is among the
+    negatives (IDF, so "The … of … is" counts for little). A prompt's subject score is the weighted share of the
+    subject's tokens that have a close token in the prompt (best cosine per token), likewise its relation score;
+    an edit applies when min(subject, relation) passes a threshold calibrated on the negatives: `margin` of the
+    way from the highest negative to 1 (other subjects fail on the subject, the edited subject asked about other
+    relations fails on the relation). The best edit's expert wins; else no expert. Needs each edit's subject in
+    the expert's info (`annotate_expert`)."""
+
+    name = "scope"
+
+    def __init__(self, layer: int = 0, margin: float = 0.1, threshold: float | None = None, quantile: float = 1.0):
+        # quantile < 1 calibrates on that quantile of the negatives' scores instead of the highest one: KnowEdit
+        # repeats some (subject, relation) pairs across records, and one such negative scores 1.0 (measured).
+        self.layer, self.margin, self.fixed_threshold, self.quantile = layer, margin, threshold, quantile
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        if tokenizer is None:
+            raise ValueError("the scope router needs the tokenizer")
+        self.tokenizer = tokenizer
+        edits = [(k, e) for k, es in enumerate(expert_edits(model)) for e in es]
+        lacking = [e["prompt"] for _, e in edits if not e.get("subject") or e["subject"] not in e["prompt"]]
+        if lacking:
+            raise ValueError(f"the scope router needs each edit's subject inside its prompt; {len(lacking)} edit(s) "
+                             f"lack it, e.g. {lacking[0]!r}: write it with t2edit.routers.annotate_expert or use "
+                             f"--router embedding")
+        corpus = [e["prompt"] for _, e in edits] + list(negatives)
+        df = Counter(t for text in corpus for t in set(tokenizer(text)["input_ids"]))
+        self.idf = lambda ids: torch.tensor([max(math.log((1 + len(corpus)) / (1 + df.get(i, 0))), 0.0) + 1e-3
+                                             for i in ids])
+        self.owner = torch.tensor([k for k, _ in edits])
+        self.subject_keys, self.relation_keys = [], []  # per edit: (vectors [n, d] unit norm, weights [n])
+        special = set(tokenizer.all_special_ids)
+        for batch_edits in _chunks(edits, 64):
+            prompts = [e["prompt"] for _, e in batch_edits]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
+            pb = model.pass1(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
+            states = F.normalize(pb.hidden_states[self.layer].float(), dim=-1).cpu()
+            for row, (_, e) in enumerate(batch_edits):
+                start = e["prompt"].index(e["subject"])
+                end = start + len(e["subject"])
+                subj, rel = [], []
+                for pos, (ids, (a, b), m) in enumerate(zip(enc["input_ids"][row].tolist(),
+                                                           enc["offset_mapping"][row].tolist(),
+                                                           enc["attention_mask"][row].tolist())):
+                    if not m or ids in special:
+                        continue
+                    (subj if a < end and b > start else rel).append(pos)
+                ids = enc["input_ids"][row]
+                self.subject_keys.append((states[row, subj], self.idf(ids[subj].tolist())))
+                self.relation_keys.append((states[row, rel], self.idf(ids[rel].tolist())))
+        if self.fixed_threshold is not None:
+            self.threshold = self.fixed_threshold
+        elif negatives:
+            best = torch.cat([self._scores(b).max(-1).values for b in encode(model, tokenizer, list(negatives))])
+            closest = best.quantile(self.quantile).item()
+            self.threshold = min(closest + self.margin * (1 - closest), 1 - 1e-4)
+        else:
+            self.threshold = 0.8  # without negatives: a default; calibrate for real use
+        return self
+
+    @staticmethod
+    def _recall(keys, weights, query, mask) -> torch.Tensor:
+        """Weighted share of key tokens matched in each query row: Σ w·max_j cos(key, q_j) / Σ w."""
+        if len(keys) == 0:
+            return torch.ones(query.shape[0])
+        sims = torch.einsum("kd,btd->bkt", keys, query).masked_fill(~mask[:, None, :], -1.0).max(-1).values
+        return (sims.clamp(min=0) * weights).sum(-1) / weights.sum()
+
+    def _scores(self, batch: PromptBatch) -> torch.Tensor:
+        """[batch, n_edits] of min(subject score, relation score)."""
+        query = F.normalize(batch.hidden_states[self.layer].float(), dim=-1).cpu()
+        mask = batch.prompt_mask().cpu()
+        columns = []
+        for (sk, sw), (rk, rw) in zip(self.subject_keys, self.relation_keys):
+            columns.append(torch.minimum(self._recall(sk, sw, query, mask), self._recall(rk, rw, query, mask)))
+        return torch.stack(columns, -1)
+
+    def weights(self, batch):
+        scores = self._scores(batch)
+        best_score, best_edit = scores.max(-1)
+        choice = torch.where(best_score >= self.threshold, self.owner[best_edit], torch.tensor(-1))
+        self.last_scores = best_score
+        return one_hot_choice(choice, self.num_experts)
+
+
+class HybridRouter(ExpertRouter):
+    """Scope first (subject + relation in other words: two-hop questions), else the embedding router (its keys
+    catch near-copies of the edit prompt, e.g. aliases that change one token)."""
+
+    name = "hybrid"
+
+    def __init__(self, scope: dict | None = None, embedding: dict | None = None):
+        self.scope, self.embedding = ScopeRouter(**(scope or {})), EmbeddingRouter(**(embedding or {}))
+
+    def fit(self, model, tokenizer=None, negatives=(), **kwargs):
+        super().fit(model)
+        self.scope.fit(model, tokenizer, negatives, **kwargs)
+        self.embedding.fit(model, tokenizer, negatives, **kwargs)
+        return self
+
+    def weights(self, batch):
+        scope = self.scope.weights(batch)
+        return torch.where(scope[:, -1:] == 1, self.embedding.weights(batch), scope)
+
+
+def _chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---------------------------------------------------------------------------------------------------- classifier
+
+class ClassifierRouter(ExpertRouter):
+    """A linear probe on the unedited model's last-token state (centred on the negatives' mean, unit norm), with
+    K + 1 classes: expert k from its edit prompts, "none" from the negatives; classes weighted to balance."""
+
+    name = "classifier"
+
+    def __init__(self, steps: int = 300, lr: float = 0.05, min_confidence: float = 0.5):
+        self.steps, self.lr, self.min_confidence = steps, lr, min_confidence
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        if not negatives:
+            raise ValueError("the classifier router needs negative prompts (other facts) to learn 'none'")
+        prompts, labels = [], []
+        for k, edits in enumerate(expert_edits(model)):
+            prompts += [e["prompt"] for e in edits]
+            labels += [k] * len(edits)
+        prompts += list(negatives)
+        labels += [model.num_experts] * len(negatives)
+        states = torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer, prompts)])
+        self.centre = states[len(prompts) - len(negatives):].mean(0)
+        x = F.normalize(states - self.centre, dim=-1)
+        y = torch.tensor(labels)
+        counts = torch.bincount(y, minlength=model.num_experts + 1).float().clamp(min=1)
+        probe = torch.nn.Linear(x.shape[1], model.num_experts + 1)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=self.lr)
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                loss = F.cross_entropy(probe(x) * 10, y, weight=1.0 / counts)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.probe = probe.eval()
+        return self
+
+    @torch.no_grad()
+    def weights(self, batch):
+        x = F.normalize(batch.last_state.float().cpu() - self.centre, dim=-1)
+        probs = (self.probe(x) * 10).softmax(-1)
+        confidence, choice = probs.max(-1)
+        choice = torch.where((choice < self.num_experts) & (confidence >= self.min_confidence), choice, -1)
+        return one_hot_choice(choice, self.num_experts)
+
+
+# ---------------------------------------------------------------------------------------------------- prompt
+
+class PromptRouter(ExpertRouter):
+    """Transformer²'s first strategy: the model itself is asked which expert's topic the question is about. Each
+    expert is described by its edits' subjects (or prompts); the option whose description the model finds most
+    likely after the question (mean log-probability per token) wins, "none of these" included. Costs K + 1
+    extra forwards per batch; small models are poor at this (measured, README)."""
+
+    name = "prompt"
+    TEMPLATE = "Question: {prompt}\nThe question is about:"
+    NONE = "none of these"
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.descriptions = [", ".join(dict.fromkeys(e.get("subject") or e["prompt"] for e in edits))
+                             for edits in expert_edits(model)] + [self.NONE]
+        return self
+
+    @torch.no_grad()
+    def weights(self, batch):
+        questions = [self.TEMPLATE.format(prompt=t) for t in batch.texts]
+        scores = torch.stack([self._loglik(questions, " " + d) for d in self.descriptions], -1)
+        choice = scores.argmax(-1)
+        return one_hot_choice(torch.where(choice == self.num_experts, -1, choice), self.num_experts)
+
+    def _loglik(self, contexts: list[str], continuation: str) -> torch.Tensor:
+        tok = self.tokenizer
+        cont = tok(continuation, add_special_tokens=False)["input_ids"]
+        rows = [tok(c)["input_ids"] + cont for c in contexts]
+        width = max(map(len, rows))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+        with model_bypassed_ctx(self.model):
+            logits = self.model.svf_model(input_ids=ids, attention_mask=mask,
+                                          position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+        logp = logits[:, -len(cont) - 1:-1].log_softmax(-1)
+        target = ids[:, -len(cont):]
+        return logp.gather(-1, target[..., None])[..., 0].mean(-1).cpu()
+
+
+def model_bypassed_ctx(model: AdaptiveModel):
+    from t2edit.svf import model_bypassed
+
+    return model_bypassed(model.svf_model)
+
+
+# ---------------------------------------------------------------------------------------------------- fixed mixes
+
+class FixedRouter(ExpertRouter):
+    """The same weights for every prompt."""
+
+    name = "fixed"
+
+    def __init__(self, weights: Sequence[float] | None = None):
+        self.fixed = None if weights is None else torch.tensor(list(weights), dtype=torch.float32)
+
+    def weights(self, batch):
+        return self.fixed[None, :].expand(batch.input_ids.shape[0], -1).clone()
+
+
+class UniformRouter(FixedRouter):
+    """1/K on every expert, nothing on "none": the reference for mixing without routing."""
+
+    name = "uniform"
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        k = model.num_experts
+        self.fixed = torch.tensor([1.0 / k] * k + [0.0])
+        return self
+
+
+class CEMRouter(FixedRouter):
+    """Transformer²'s third strategy: one mixture α for all prompts, searched by the cross-entropy method to
+    maximise the mean log-probability of the right answers on a handful of labelled examples. z = z_neutral +
+    Σ αₖ (zₖ − z_neutral), through the same mask function as training (Transformer²'s code applies no sigmoid
+    here). Examples: up to `shots` edit prompts with their targets, and as many negatives with the unedited
+    model's own answers."""
+
+    name = "cem"
+
+    def __init__(self, shots: int = 8, population: int = 16, elites: int = 4, iterations: int = 6, seed: int = 0):
+        self.shots, self.population, self.elites, self.iterations, self.seed = shots, population, elites, iterations, seed
+
+    def fit(self, model, tokenizer=None, negatives=(), **_):
+        super().fit(model)
+        from t2edit.training import greedy_answers
+
+        generator = torch.Generator().manual_seed(self.seed)
+        edits = [e for es in expert_edits(model) for e in es if e.get("target")]
+        if not edits:
+            raise ValueError("the cem router needs each edit's target in the expert's info (annotate_expert)")
+        picked = [edits[i] for i in torch.randperm(len(edits), generator=generator)[:self.shots].tolist()]
+        examples = [(e["prompt"], e["target"]) for e in picked]
+        negs = [negatives[i] for i in torch.randperm(len(negatives), generator=generator)[:self.shots].tolist()] \
+            if negatives else []
+        if negs:
+            from t2edit.svf import model_bypassed
+
+            with model_bypassed(model.svf_model):
+                answers = greedy_answers(model.svf_model, tokenizer, negs, 8)
+            examples += [(p, a) for p, a in zip(negs, answers) if a]
+        k = model.num_experts
+        mean, std = torch.full((k,), 1.0 / k), torch.full((k,), 0.5)
+        best, best_score = mean.clone(), -math.inf
+        for _ in range(self.iterations):
+            samples = mean + std * torch.randn(self.population, k, generator=generator)
+            scores = torch.tensor([self._fitness(model, tokenizer, examples, a) for a in samples])
+            top = scores.topk(self.elites).indices
+            if scores[top[0]] > best_score:
+                best_score, best = scores[top[0]].item(), samples[top[0]].clone()
+            mean, std = samples[top].mean(0), samples[top].std(0) + 1e-3
+        self.alpha = best
+        self.fixed = torch.cat([best, 1 - best.sum(0, keepdim=True)])
+        return self
+
+    @staticmethod
+    @torch.no_grad()
+    def _fitness(model, tokenizer, examples, alpha) -> float:
+        from t2edit.evaluation.metrics import teacher_forced_predictions  # noqa: F401  (same scoring family)
+
+        prompts = [p for p, _ in examples]
+        rows = [tokenizer(p)["input_ids"] + tokenizer(" " + a, add_special_tokens=False)["input_ids"]
+                for p, a in examples]
+        ends = [len(tokenizer(p)["input_ids"]) - 1 for p in prompts]
+        width = max(map(len, rows))
+        pad = tokenizer.pad_token_id or 0
+        offset = [width - len(r) for r in rows]
+        ids = torch.tensor([[pad] * o + r for o, r in zip(offset, rows)], device=model.device)
+        mask = torch.tensor([[0] * o + [1] * len(r) for o, r in zip(offset, rows)], device=model.device)
+        weights = torch.cat([alpha, 1 - alpha.sum(0, keepdim=True)])[None].expand(len(rows), -1)
+        logits = model(input_ids=ids, attention_mask=mask, weights=weights.to(model.device),
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()
+        logp = logits.log_softmax(-1)
+        total = []
+        for row, (o, e, r) in enumerate(zip(offset, ends, rows)):
+            positions = torch.arange(o + e, o + len(r) - 1, device=logits.device)
+            total.append(logp[row, positions, ids[row, positions + 1]].mean())
+        return torch.stack(total).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------- oracle
+
+class OracleRouter(ExpertRouter):
+    """Evaluation only: each scored prompt goes where the evaluation says (the expert holding its record's edit;
+    no expert for locality prompts). `assignments` maps prompt text → {expert index: weight} (empty: none)."""
+
+    name = "oracle"
+
+    def __init__(self, assignments: dict[str, dict[int, float]]):
+        self.assignments = {k.strip(): v for k, v in assignments.items()}
+
+    def weights(self, batch):
+        out = torch.zeros(len(batch.texts), self.num_experts + 1)
+        for row, text in enumerate(batch.texts):
+            mix = self.assignments.get(text.strip(), {})
+            if not mix:
+                out[row, -1] = 1.0
+            for k, w in mix.items():
+                out[row, k] = w
+            if mix:
+                out[row, -1] = 1.0 - sum(mix.values())
+        return out
+
+
+ROUTERS = {"embedding": EmbeddingRouter, "scope": ScopeRouter, "hybrid": HybridRouter, "classifier": ClassifierRouter,
+           "prompt": PromptRouter, "cem": CEMRouter, "uniform": UniformRouter, "oracle": OracleRouter}
+AUTOMATIC = ("embedding", "scope", "hybrid", "classifier", "prompt", "cem")
+
+
+def get_router(name: str, **kwargs) -> ExpertRouter:
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}")
+    return ROUTERS[name](**kwargs)
+
+
+def annotate_expert(expert, records) -> None:
+    """Record each edit's subject, prompt and target in the expert's info (what the scope / cem / prompt routers
+    read). Only the edit itself is written: never an evaluation prompt."""
+    expert.info["edits"] = [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in records]
+
+
+__all__ = ["AUTOMATIC", "CEMRouter", "ClassifierRouter", "EmbeddingRouter", "ExpertRouter", "FixedRouter", "HybridRouter",
+           "OracleRouter", "PromptRouter", "ROUTERS", "ScopeRouter", "UniformRouter", "annotate_expert",
+           "expert_edits", "get_router", "one_hot_choice"]

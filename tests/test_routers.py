@@ -1,0 +1,97 @@
+"""Routers: one interface, each tested on what it must route and what it must leave alone."""
+import pytest
+import torch
+
+from t2edit.adaptation import AdaptiveModel
+from t2edit.experts import Expert
+from t2edit.routers import CEMRouter, annotate_expert, get_router
+from t2edit.routing import calibrate_router
+from t2edit.data.records import EditRecord
+from t2edit.svf import SVFConfig, apply_svf
+from t2edit.tiny import build_tiny_model, build_tiny_tokenizer
+
+EDITS = [EditRecord(subject="Piet Zelmere", prompt="The spouse of Piet Zelmere is", target_new=["Orla Jorwick"]),
+         EditRecord(subject="Vesna Corwick", prompt="The occupation of Vesna Corwick is", target_new=["sculptor"])]
+NEGATIVES = ["The occupation of Piet Zelmere is", "The spouse of Vesna Corwick is", "The spouse of Emeric Halholt is",
+             "The occupation of Emeric Halholt is", "The capital of Quorland is", "The employer of Orla Jorwick is"]
+TEXTS = [r.prompt + " " + r.target for r in EDITS] + [n + " x" for n in NEGATIVES] + [
+    "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is architect",
+    "Question: \nThe question is about: none of these , sculptor painter architect"]
+
+
+@pytest.fixture
+def adaptive_factory():
+    tokenizer = build_tiny_tokenizer(TEXTS)
+    tokenizer.padding_side = "left"
+    svf = apply_svf(build_tiny_model(tokenizer, hidden_size=32), SVFConfig(mask="identity", z_init=1.0),
+                    progress=False).eval()
+    experts = []
+    for seed, record in enumerate(EDITS):
+        torch.manual_seed(seed)
+        svf.set_z({k: 1 + 0.5 * torch.randn_like(v) for k, v in svf.get_z().items()})
+        router = calibrate_router(svf, tokenizer, [record.prompt], NEGATIVES)
+        expert = Expert.from_model(svf, router=router, info={"name": f"e{seed}"})
+        annotate_expert(expert, [record])
+        experts.append(expert)
+        svf.reset_z()
+
+    def make(router, **fit):
+        return AdaptiveModel(svf, experts, router, tokenizer, negatives=NEGATIVES, **fit)
+    return make, tokenizer
+
+
+def _route(model, tokenizer, prompts):
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return model.route(batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("name", ["embedding", "scope", "classifier"])
+def test_automatic_routers_send_edit_prompts_to_their_expert_and_negatives_nowhere(adaptive_factory, name):
+    make, tokenizer = adaptive_factory
+    model = make(get_router(name))
+    weights = _route(model, tokenizer, [EDITS[1].prompt, EDITS[0].prompt] + NEGATIVES)
+    assert weights[:2].argmax(-1).tolist() == [1, 0]
+    assert (weights[2:, -1] == 1).all(), weights[2:]
+    assert torch.allclose(weights.sum(-1), torch.ones(len(weights)))
+
+
+def test_scope_router_recognises_an_alias_and_a_two_hop_question_but_not_another_relation(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    model = make(get_router("scope"))
+    prompts = ["The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is",
+               "The occupation of Piet Zelmere is", "The spouse of Emeric Halholt is"]
+    weights = _route(model, tokenizer, prompts)
+    assert weights[:, 0].tolist() == [1, 1, 0, 0], (weights, model.router.threshold, model.router.last_scores)
+
+
+def test_scope_router_needs_subjects(adaptive_factory):
+    make, _ = adaptive_factory
+    model = make(get_router("uniform"))
+    for expert in model.experts:
+        expert.info.pop("edits")
+        expert.info["edit_prompts"] = ["The spouse of Piet Zelmere is"]
+    with pytest.raises(ValueError, match="subject"):
+        get_router("scope").fit(model, model.tokenizer, NEGATIVES)
+
+
+def test_cem_finds_weights_at_least_as_good_as_its_starting_mixture(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    model = make(get_router("uniform"))
+    router = CEMRouter(shots=2, population=8, elites=2, iterations=3).fit(model, tokenizer, NEGATIVES)
+    examples = [(r.prompt, r.target) for r in EDITS]
+    start = CEMRouter._fitness(model, tokenizer, examples, torch.full((2,), 0.5))
+    found = CEMRouter._fitness(model, tokenizer, examples, router.alpha)
+    assert router.fixed.shape == (3,) and router.fixed.sum().item() == pytest.approx(1.0)
+    assert found >= start - 0.5  # searched on a handful of examples (a subset of these), never far worse
+
+
+def test_prompt_router_returns_one_choice_per_prompt(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    model = make(get_router("prompt"))
+    weights = _route(model, tokenizer, [EDITS[0].prompt, NEGATIVES[4]])
+    assert weights.shape == (2, 3) and (weights.sum(-1) == 1).all() and ((weights == 0) | (weights == 1)).all()
+
+
+def test_unknown_router_is_one_clear_error():
+    with pytest.raises(ValueError, match="choose one of"):
+        get_router("nearest")
