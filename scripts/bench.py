@@ -6,6 +6,9 @@
 * forward: an SVF model's forward (weight recomposed once per z change) vs the base model's forward.
 * routing: two-pass inference (router pass over the unedited model, then the expert on routed rows) vs one pass.
 * train_step: forward + backward to z (factored gradient) vs the same through the base model's full weights.
+* world_build: a tiny fact world (first 12 built-in records, WorldConfig.tiny()) pretrained from scratch vs loaded
+  from its cache. Targets: pretraining under 30 s on an idle 2-core machine, a cache hit under 5 s (these were
+  timed assertions in tests/test_world.py; on a shared machine they belong here). `--no-world` skips it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512, help="batch of 4 sequences of tokens/4")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--no-world", action="store_true", help="skip the world_build row")
     args = parser.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,6 +96,9 @@ def main():
         full_train = _timed(full_step)
         rows.append(("train_step", "full MLP weight grads", full_train, "SVF z grads + step", svf_train))
 
+    if not args.no_world:
+        rows.append(_world_build_row())
+
     print(f"device: {device}, Llama hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
           f"{args.tokens} tokens")
     print(f"{'benchmark':<12} {'reference':<24} {'s':>8} {'candidate':<22} {'s':>8} {'ratio':>7}")
@@ -103,6 +110,15 @@ def main():
     with open(args.out, "w") as handle:
         json.dump({"device": device, "args": vars(args), "results": results}, handle, indent=2)
     print(f"wrote {args.out}")
+
+
+def _world_build_row():
+    from t2edit.data.world import WorldConfig, build_world
+
+    with tempfile.TemporaryDirectory() as out:
+        cold = _timed(lambda: build_world("builtin", out, limit=12, config=WorldConfig.tiny(), progress=False), 1)
+        warm = _timed(lambda: build_world("builtin", out, limit=12, config=WorldConfig.tiny(), progress=False), 3)
+    return ("world_build", "pretrain 12 records (cold)", cold, "cache hit (warm)", warm)
 
 
 if __name__ == "__main__":
