@@ -131,3 +131,45 @@ def test_an_expert_is_refused_for_records_it_did_not_edit_or_prompts_it_learned_
         check_expert_may_score({"edits": 1}, [ANN], "runs/x/expert")
     check_expert_may_score(expert_prompt_info([ANN.prompt, CY.prompt], ["The city of Bob is"]), [ANN])
     assert "job" not in json.dumps(info)  # hashes only: the expert file does not carry prompt text
+
+
+# ---------------------------------------------------------------- details a user sees (found by mutation testing)
+
+def _record(subject, relation, *locality_relations, target="x"):
+    return EditRecord(subject, f"The {relation} of {subject} is", [target] if target else [], ["y"], locality={
+        "relation_specificity": [Probe(f"The {r} of {subject} is", ["z"]) for r in locality_relations]})
+
+
+def test_anchors_rank_relations_asked_with_the_edited_one_then_two_hops_then_frequency():
+    edits = [_record("Ann", "spouse", "hat"), _record("Zed", "river")]
+    others = [_record("Bob", "spouse", "job", "home"), _record("Gus", "spouse", "job"), _record("Cy", "job", "pet"),
+              _record("Dee", "age", "hat", "car"), _record("Eve", "age"), _record("Fay", "home", "job"),
+              EditRecord("", "A subjectless question is", ["x"]), _record("Hal", "b1", "b2", "b3", "b4", "b5", "b6")]
+    anchors = learning_pool(edits, others, anchors_per_edit=4).subject_prompts
+    # Ann (spouse): job and home are asked with spouse (job twice), pet two hops away, then the most frequent (age).
+    # Zed (river, asked with nothing): by frequency — job 4, spouse 3, then age and home 2 (alphabetical).
+    assert anchors == ["The job of Ann is", "The home of Ann is", "The pet of Ann is", "The age of Ann is",
+                       "The job of Zed is", "The spouse of Zed is", "The age of Zed is", "The home of Zed is"]
+    assert len(learning_pool(edits, others).subject_prompts) == 2 * 8  # 8 per edit by default
+    assert learning_pool(edits, others, anchors_per_edit=1).subject_prompts == ["The job of Ann is",
+                                                                                "The job of Zed is"]
+
+
+def test_relations_known_only_from_the_edited_records_locality_prompts_are_not_anchors():
+    # "hat" is asked only in Ann's (scored) locality prompt: asking Dee about it would teach a scored relation.
+    anchors = learning_pool([_record("Ann", "spouse", "hat"), _record("Dee", "spouse")], []).subject_prompts
+    assert anchors == []  # spouse is each edit's own prompt: nothing else may be asked
+
+
+def test_pool_drops_repeats_empty_prompts_and_records_without_a_target():
+    others = [_record("Cy", "job"), _record("Cy", "pet", target=None), EditRecord("Dee", "  ", ["x"])]
+    pool = learning_pool([ANN], others, ["The job of Bob is", "the job of Bob is.", "", "The job of Cy is"])
+    assert pool.neighbour_prompts == ["The job of Bob is", "The job of Cy is", "The pet of Cy is"]
+    assert pool.demonstrations == [("The job of Cy is", "x")]
+
+
+def test_an_expert_missing_either_hash_set_is_refused():
+    info = expert_prompt_info([ANN.prompt], [])
+    for key in info:
+        with pytest.raises(LeakageError, match="does not record"):
+            check_expert_may_score({k: v for k, v in info.items() if k != key}, [ANN])
