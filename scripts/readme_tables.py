@@ -14,29 +14,29 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Table:
+class Table(NamedTuple):
     name: str
     source: str  # results JSON, relative to the repository root
-    command: str  # the one command that writes it
+    command: str  # the one command that reproduces it
+    writes: str  # the file that command writes (copied over `source` to refresh the table)
 
 
 TABLES = [
-    Table("demo", "results/demo.json", "t2edit demo --out runs/demo   # writes runs/demo/results.json"),
+    Table("demo", "results/demo.json", "t2edit demo --out runs/demo", "runs/demo/results.json"),
     Table("knowedit-cf200", "results/knowedit_cf200.json",
           "t2edit world build --data ../shared/data/knowedit/train_cf.json --limit 200 --out worlds/cf200 && "
           "accelerate launch scripts/train_rl.py --config configs/demo.yaml --model worlds/cf200 "
           "--data ../shared/data/knowedit/train_cf.json --n_edits 50 --steps 400 --output_dir runs/cf200-svf && "
           "t2edit eval --model worlds/cf200 --data ../shared/data/knowedit/train_cf.json --n 50 "
-          "--method none,svf,svf-always,lora,ft,ike,prompt --expert runs/cf200-svf/expert --out runs/cf200"
-          "   # writes runs/cf200/results.json"),
-    Table("bench", "results/bench.json", "python scripts/bench.py --out results/bench.json"),
+          "--method none,svf,svf-always,lora,ft,ike,prompt --expert runs/cf200-svf/expert --out runs/cf200",
+          "runs/cf200/results.json"),
+    Table("bench", "results/bench.json", "python scripts/bench.py --out results/bench.json", "results/bench.json"),
 ]
 
 
@@ -74,12 +74,13 @@ def render(table: Table, repo: Path = REPO) -> str:
     if payload.get("provenance"):
         lines += [f"*{payload['provenance']}*", ""]
     lines += _bench_block(payload) if table.name == "bench" else _method_block(payload)
-    lines += ["", f"Source: `{table.source}`. Reproduce: `{table.command}`"]
+    copy = "" if table.writes == table.source else f", then copy it to `{table.source}`"
+    lines += ["", f"Source: `{table.source}`. Reproduce: `{table.command}` (writes `{table.writes}`{copy})."]
     return "\n".join(lines)
 
 
 def _pattern(name: str) -> re.Pattern:
-    return re.compile(rf"(<!-- table:{re.escape(name)} -->\n)(.*?)(\n<!-- /table:{re.escape(name)} -->)", re.S)
+    return re.compile(rf"(<!-- table:{re.escape(name)} -->)(.*?)(<!-- /table:{re.escape(name)} -->)", re.S)
 
 
 def updated_readme(text: str, repo: Path = REPO) -> str:
@@ -88,7 +89,7 @@ def updated_readme(text: str, repo: Path = REPO) -> str:
         if not pattern.search(text):
             raise ValueError(f"README.md has no <!-- table:{table.name} --> ... <!-- /table:{table.name} --> block")
         block = render(table, repo)
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(3), text)
+        text = pattern.sub(lambda m: m.group(1) + "\n" + block + "\n" + m.group(3), text)
     return text
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     current = readme.read_text(encoding="utf-8")
     wanted = updated_readme(current)
     if args.check:
-        stale = [t.name for t in TABLES if _pattern(t.name).search(current).group(2) != render(t)]
+        stale = [t.name for t in TABLES if _pattern(t.name).search(current).group(2) != "\n" + render(t) + "\n"]
         if stale:
             print(f"README.md tables out of date with their results JSON: {', '.join(stale)}; run "
                   f"python scripts/readme_tables.py", file=sys.stderr)

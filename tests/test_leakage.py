@@ -105,7 +105,7 @@ def test_no_scored_prompt_reaches_training_ike_or_the_router_on_the_real_paths(l
 
     assert len(trainers) == 2 and len(negatives) == 2
     for trainer, router_negatives in zip(trainers, negatives):
-        pools = [i.prompt for i in trainer.neighbour_items + trainer.subject_items]
+        pools = trainer.neighbour_prompts + trainer.subject_prompts
         trained = trainer.seen_prompts - {r.prompt for r in setup.edits}
         assert trained and router_negatives  # the checks below have something to check
         for what, prompts in (("neighbours and anchors", pools), ("trained prompts", trained),
