@@ -173,3 +173,18 @@ def test_an_expert_missing_either_hash_set_is_refused():
     for key in info:
         with pytest.raises(LeakageError, match="does not record"):
             check_expert_may_score({k: v for k, v in info.items() if k != key}, [ANN])
+
+
+def test_anchor_ranking_counts_how_often_relations_are_asked_together_and_skips_edits_without_their_subject():
+    # Asked with spouse: car twice, home once (home is more frequent overall: the co-occurrence count decides).
+    # "river" is the relation of two other edits: frequency 2, ahead of pet (1). Ann's prompt lacks her name: no
+    # template, no anchors — and the edits after hers still get theirs.
+    edits = [EditRecord("Ann", "Who did A. marry?", ["x"]), _record("Dee", "spouse"), _record("Zed", "river"),
+             _record("Yan", "river")]
+    others = [_record("Bob", "spouse", "car"), _record("Gus", "spouse", "car"), _record("Kit", "spouse", "home"),
+              _record("Lu", "home"), _record("Mo", "home"), _record("Cy", "job"), _record("Fay", "job"),
+              _record("Hal", "job"), _record("Ivy", "job", "pet")]
+    anchors = learning_pool(edits, others).subject_prompts
+    assert not [a for a in anchors if "Ann" in a]
+    assert [a for a in anchors if "Dee" in a] == ["The car of Dee is", "The home of Dee is", "The job of Dee is",
+                                                  "The river of Dee is", "The pet of Dee is"]
