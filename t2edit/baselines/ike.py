@@ -99,8 +99,10 @@ class IKEEditor(Editor):
 
     def edit(self, model, tokenizer, records):
         check_records(records, self.name)
-        allowed = set(learning_pool(records, self.train_records, anchors_per_edit=0).demonstrations)
-        excluded = {i for i, demo in enumerate(self.pool) if demo not in allowed}
+        excluded: set[int] = set()
+        if self.k > 0:  # the guard decides which pool records may be shown
+            allowed = set(learning_pool(records, self.train_records, anchors_per_edit=0).demonstrations)
+            excluded = {i for i, demo in enumerate(self.pool) if demo not in allowed}
         contexts = [self.demonstrations(r.prompt, r.target, excluded) + new_fact_context(r.prompt, r.target)
                     for r in records]
         if len(contexts) == 1:
