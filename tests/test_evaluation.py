@@ -100,6 +100,7 @@ def test_token_accuracy_counts_target_positions(tokenizer):
     model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Carl"})
     prompt = "The spouse of Ann is"
     assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [0.5]
+    assert math.isnan(metrics_module.token_accuracy([], []))  # no answer tokens: no score, not a crash
     assert answer_argmax_tokens(model, tokenizer, [prompt], ["Bob Smith"]) == [ids(tokenizer, "Bob Carl")]
     model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Smith"})
     assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [1.0]
