@@ -28,7 +28,7 @@ class Table(NamedTuple):
 
 
 TABLES = [
-    Table("demo", "results/demo.json", "t2edit demo --out runs/demo", "runs/demo/results.json"),
+    Table("demo", "results/demo.json", "t2edit demo --model world --out runs/demo", "runs/demo/results.json"),
     Table("knowedit-cf200", "results/knowedit_cf200.json",
           "t2edit world build --data ../shared/data/knowedit/train_cf.json --limit 200 --out worlds/cf200 && "
           "accelerate launch scripts/train_rl.py --config configs/demo.yaml --model worlds/cf200 "
