@@ -10,6 +10,9 @@
   two passes vs one SVF pass, for K = 1, 16 and N (--experts-n), each mixing strategy (rows: per-row singular
   values through U and V; groups: one U diag(σ) Vᵀ per distinct mixture); also one prompt alone, and the
   memory of one expert on disk and in RAM.
+* world_build: a tiny fact world (first 12 built-in records, WorldConfig.tiny()) pretrained from scratch vs loaded
+  from its cache. Targets: pretraining under 30 s on an idle 2-core machine, a cache hit under 5 s (these were
+  timed assertions in tests/test_world.py; on a shared machine they belong here). `--no-world` skips it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=512, help="batch of 4 sequences of tokens/4")
     parser.add_argument("--experts-n", type=int, default=100, help="N for the adaptive_k{N} rows")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--no-world", action="store_true", help="skip the world_build row")
     args = parser.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,6 +103,9 @@ def main():
         full_train = _timed(full_step)
         rows.append(("train_step", "full MLP weight grads", full_train, "SVF z grads + step", svf_train))
 
+    if not args.no_world:
+        rows.append(_world_build_row())
+
     print(f"device: {device}, Llama hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
           f"{args.tokens} tokens")
     print(f"{'benchmark':<12} {'reference':<24} {'s':>8} {'candidate':<22} {'s':>8} {'ratio':>7}")
@@ -156,6 +163,15 @@ def adaptive_rows(svf, ids, n_experts: int, rows: list) -> dict:
         disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     ram = sum(t.numel() * t.element_size() for t in experts[0].z.values())
     return {"disk_bytes": disk, "ram_bytes": ram}
+
+
+def _world_build_row():
+    from t2edit.data.world import WorldConfig, build_world
+
+    with tempfile.TemporaryDirectory() as out:
+        cold = _timed(lambda: build_world("builtin", out, limit=12, config=WorldConfig.tiny(), progress=False), 1)
+        warm = _timed(lambda: build_world("builtin", out, limit=12, config=WorldConfig.tiny(), progress=False), 3)
+    return ("world_build", "pretrain 12 records (cold)", cold, "cache hit (warm)", warm)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from t2edit.leakage import expert_prompt_info
 from t2edit.routing import Router
 from t2edit.svf import SVFConfig, SVFModel, apply_svf, svf_config_dict
 
@@ -41,11 +42,17 @@ class Expert:
 
     # -- creation ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: SVFModel, info: dict | None = None, router: Router | None = None) -> "Expert":
+    def from_model(cls, model: SVFModel, info: dict | None = None, router: Router | None = None,
+                   edit_prompts: list[str] = (), learned_prompts: list[str] = ()) -> "Expert":
+        """Snapshot the z of `model`. A trainer passes `edit_prompts` and `learned_prompts` (every other prompt it
+        trained on or calibrated the router against): the expert keeps hashes of them, never their text, so that
+        `t2edit eval --expert` can refuse to score them as held out (t2edit.leakage.check_expert_may_score)."""
+        info = dict(info or {})
+        if edit_prompts:
+            info.update(expert_prompt_info(list(edit_prompts), list(learned_prompts)))
         return cls(z={k: v.float().cpu() for k, v in model.get_z().items()},
                    svf_config=svf_config_dict(model.svf_config), base_fingerprint=model.base_fingerprint,
-                   base_model_name=getattr(model.config, "_name_or_path", "") or "", info=dict(info or {}),
-                   router=router)
+                   base_model_name=getattr(model.config, "_name_or_path", "") or "", info=info, router=router)
 
     @property
     def target_layers(self) -> list[str]:

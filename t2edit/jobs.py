@@ -101,6 +101,11 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
              mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True):
     from t2edit.evaluation import evaluate_editor, format_table, write_results
 
+    if expert_dir and {"svf", "svf-always"} & set(methods):
+        from t2edit.experts import Expert
+        from t2edit.leakage import check_expert_may_score
+
+        check_expert_may_score(Expert.from_pretrained(expert_dir).info, setup.edits, expert_dir)
     results = []
     for method in methods:
         editor = make_editor(method, setup, expert_dir, train_config, out_dir)
@@ -118,8 +123,9 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
 
 def run_training(config, accelerator=None):
     """Train one SVF expert as `config` says; returns the Expert (also saved to output_dir/expert)."""
+    from t2edit.leakage import learning_pool
     from t2edit.svf import apply_svf
-    from t2edit.training import SVFTrainer, neighbour_candidates, subject_neighbour_candidates
+    from t2edit.training import SVFTrainer
 
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
                        world_preset=config.world_preset)
@@ -130,8 +136,7 @@ def run_training(config, accelerator=None):
         from t2edit.data.loaders import load_records
 
         others += load_records(config.neighbour_data)
-    pool = neighbour_candidates(setup.edits, others, setup.extra_neighbour_prompts)
-    subject_pool = subject_neighbour_candidates(setup.edits, others)
+    pool = learning_pool(setup.edits, others, setup.extra_neighbour_prompts)
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
     rollouts = None
     if config.rollout_backend == "vllm":
@@ -145,8 +150,8 @@ def run_training(config, accelerator=None):
             model_name=config.model, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     elif config.rollout_backend != "transformers":
         raise ValueError(f"rollout_backend={config.rollout_backend!r}; choose transformers or vllm")
-    trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool, config, rollouts=rollouts,
-                         accelerator=accelerator, subject_prompts=subject_pool)
+    trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool.neighbour_prompts, config, rollouts=rollouts,
+                         accelerator=accelerator, subject_prompts=pool.subject_prompts)
     expert = trainer.train()
     model.unload()  # hand the base model back unchanged; the expert holds the edit
     return expert, setup

@@ -3,6 +3,7 @@ in batch mode, and never read what the evaluation scores."""
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -162,11 +163,21 @@ def test_batch_edit_of_several_records(method, world, model):
                        _logits(world["model"], tokenizer, [r.prompt for r in records]))
 
 
+def _read_by_the_guard() -> bool:
+    """Only t2edit/leakage.py may read what the evaluation scores: it does so to remove it from what editors see."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("t2edit", "leakage.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class LeakProofRecord(EditRecord):
-    """An edit whose evaluation-only fields blow up when anything reads them."""
+    """An edit whose evaluation-only fields blow up when anything but the leakage guard reads them."""
 
     def __getattribute__(self, name):
-        if name in ("locality", "portability", "rephrase"):
+        if name in ("locality", "portability", "rephrase") and not _read_by_the_guard():
             raise AssertionError(f"an editor read record.{name} (test leakage)")
         return super().__getattribute__(name)
 

@@ -100,6 +100,7 @@ def test_token_accuracy_counts_target_positions(tokenizer):
     model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Carl"})
     prompt = "The spouse of Ann is"
     assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [0.5]
+    assert math.isnan(metrics_module.token_accuracy([], []))  # no answer tokens: no score, not a crash
     assert answer_argmax_tokens(model, tokenizer, [prompt], ["Bob Smith"]) == [ids(tokenizer, "Bob Carl")]
     model = BigramLM(tokenizer, {"is": "Bob", "Bob": "Smith"})
     assert teacher_forced_accuracy(model, tokenizer, [prompt], ["Bob Smith"]) == [1.0]
@@ -254,9 +255,11 @@ def test_no_edit_keeps_locality_and_perturbation_breaks_it(tokenizer, taught):
     model = copy.deepcopy(taught)
     perturbed = evaluate_editor(PerturbingEditor(), model, tokenizer, records, fluency=False, progress=False)
     assert perturbed.locality < 1.0 and perturbed.locality_em < 1.0
-    # restore() worked, so the model scores like the unedited one again
+    # restore() worked: the weights are the unedited model's again, and so is every score
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), taught.parameters()))
     again = evaluate_editor(NoEdit(), model, tokenizer, records, fluency=False, progress=False)
-    assert again.locality == 1.0 and again.edit_success == none.edit_success
+    untimed = lambda result: {k: v for k, v in result.to_dict().items() if k not in ("seconds", "extra")}
+    assert untimed(again) == untimed(none)
 
 
 def test_restore_guard_names_the_broken_editor(tokenizer, taught):
@@ -342,7 +345,6 @@ def test_fluency_is_reported_on_easyedits_scale(tokenizer, taught):
                              fluency_max_new_tokens=20)
     bits = fluency_scores(taught, tokenizer, [r.prompt for r in records], max_new_tokens=20, seed=3)
     assert result.fluency == pytest.approx(100 * sum(bits) / len(bits))
-    assert result.fluency > 0
 
 
 def test_bad_inputs_give_clear_errors(tokenizer, taught):

@@ -45,6 +45,7 @@ def test_partial_credit_orders_closer_answers_higher_and_takes_the_best_alias():
     assert scores[4] == 0.0  # words out of place earn nothing: it rewards a prefix, not a bag of words
     assert scores[5] == pytest.approx(1 / 3)
     assert partial_credit(["p"], ["Arno"], answers=[["Peter Arno", "Arno"]], kind=["edit"]) == [1.0]
+    assert partial_credit(["p"], ["Arno"], answers=[["", "the", "Arno"]], kind=["edit"]) == [1.0]  # empty aliases skipped
 
 
 def test_partial_credit_is_one_exactly_when_exact_match_is_one():
@@ -62,7 +63,7 @@ def test_builtins_read_chat_format_completions_and_ignore_extra_columns():
 
 
 def test_builtins_say_which_column_is_missing_or_short():
-    with pytest.raises(ValueError, match="'answers'"):
+    with pytest.raises(ValueError, match="^needs a dataset column 'answers'"):
         exact_match(["p"], ["Rome"], kind=["edit"])
     with pytest.raises(ValueError, match="2 completions but 1 'answers'"):
         locality(["p", "p"], ["Rome", "Oslo"], answers=[["Rome"]], kind=["neighbour", "neighbour"])

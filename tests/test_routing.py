@@ -50,6 +50,13 @@ def test_calibrated_threshold_routes_edit_prompts_and_not_the_negatives(svf, tin
     assert closest < router.threshold == pytest.approx(closest + 0.5 * (1 - closest))
     assert router.applies(encode_prompts(svf, tiny_tokenizer, [EDITED])).all()
     assert not router.applies(encode_prompts(svf, tiny_tokenizer, negatives)).any()
+    # Held-out prompts (never calibrated against) about other subjects or relations are not routed either, though
+    # some sit closer to the edit prompt than any negative: the margin, not the calibration set, keeps them out.
+    held_out = ["The spouse of Eve is", "The occupation of Eve is", "The capital of Qux is", "The spouse of Carl is",
+                "The capital of Bar is"]
+    similarity = router.similarity(encode_prompts(svf, tiny_tokenizer, held_out))
+    assert similarity.max().item() > closest
+    assert not router.applies(encode_prompts(svf, tiny_tokenizer, held_out)).any(), similarity.tolist()
     with pytest.raises(ValueError, match="route_margin"):
         calibrate_router(svf, tiny_tokenizer, [EDITED], negatives, margin=1.5)
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from t2edit.data.records import EditRecord, Probe
 from t2edit.svf import apply_svf
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
-from t2edit.training import (SVFTrainer, TrainConfig, forbidden_prompts, group_advantages, model_bypassed,
-                             neighbour_candidates, parse_train_config, subject_neighbour_candidates)
+from t2edit.leakage import learning_pool
+from t2edit.training import SVFTrainer, TrainConfig, group_advantages, model_bypassed, parse_train_config
 
 FACTS = {
     "The city of Ann is": "Rome", "The city of Bob is": "Oslo", "The city of Cy is": "Lima",
@@ -35,7 +35,7 @@ def tiny_edits():
     ]
     others = [EditRecord("Cy", "The city of Cy is", ["Rome"], ["Lima"],
                          locality={"relation_specificity": [Probe("The job of Cy is", ["cook"])]})]
-    pool = neighbour_candidates(edits, others, extra_prompts=list(FACTS))
+    pool = learning_pool(edits, others, extra_prompts=list(FACTS)).neighbour_prompts
     return edits, pool
 
 
@@ -72,38 +72,17 @@ def test_group_advantages():
         group_advantages(rewards, groups, "median")
 
 
-def test_neighbour_pool_never_holds_scored_prompts():
-    edits, pool = tiny_edits()
-    blocked = forbidden_prompts(edits)
-    assert {"The job of Ann is", "The pet of Ann is", "The job of Bob is"} <= blocked
-    assert not blocked & set(pool)
-    assert not {e.prompt for e in edits} & set(pool)
-    assert "The job of Cy is" in pool and "The city of Cy is" in pool
-
-
-def test_subject_neighbours_ask_other_relations_of_edited_subjects_never_scored_ones():
-    edits, _ = tiny_edits()
-    others = [EditRecord("Cy", "The city of Cy is", ["Rome"], ["Lima"], locality={"relation_specificity": [
-        Probe("The job of Cy is", ["cook"]), Probe("The pet of Cy is", ["fish"])]})]
-    # Ann's job and pet prompts and Bob's job prompt are scored; the city prompts are the edits themselves.
-    assert subject_neighbour_candidates(edits, others) == ["The pet of Bob is"]
-    assert subject_neighbour_candidates(edits, []) == []  # nothing to learn relations from: no anchors
-
-
-def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world, tmp_path):
+def test_trainer_learns_unsampled_targets_and_its_router_leaves_held_out_prompts_alone(tiny_world, tmp_path):
+    """(That no scored prompt reaches the trainer is tests/test_leakage.py's job, on the real paths.)"""
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()
     config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2, lr_scheduler_type="constant",
                          neighbours_per_step=4, group_size=4, save_every=0, eval_every=20, progress=False)
     svf = apply_svf(model, config.svf_config(), progress=False)
     trainer = SVFTrainer(svf, tokenizer, edits, pool, config, subject_prompts=["The pet of Bob is"])
-    sampled_prompts = []
-    sample = trainer.rollouts.sample
-    trainer.rollouts.sample = lambda prompts, *a, **k: sampled_prompts.extend(prompts) or sample(prompts, *a, **k)
     assert trainer.edit_success_greedy() == 0.0
     expert = trainer.train()
     assert trainer.edit_success_greedy() == 1.0
-    assert not forbidden_prompts(edits) & (set(sampled_prompts) | trainer.seen_prompts)
     assert "The pet of Bob is" in trainer.seen_prompts  # the same-subject anchor was trained on
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and {"reward/exact_match", "reward/locality", "z/mean", "grad_norm"} <= set(rows[0])
@@ -111,11 +90,15 @@ def test_trainer_learns_unsampled_targets_and_never_sees_eval_prompts(tiny_world
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "expert" / "expert.safetensors").exists()
     assert expert.info["edits"] == 2
-    # The two-pass router picks the edit prompts and none of the prompts it was told to leave alone.
+    # The two-pass router picks the edit prompts, and none of the prompts the evaluation scores for locality: held
+    # out from its calibration (the guard keeps them out), so this checks that the threshold generalises.
     from t2edit.routing import encode_prompts
 
+    held_out = [p.prompt for e in edits for probes in e.locality.values() for p in probes] + ["The pet of Ann is"]
+    assert not set(held_out) & (set(pool) | {"The pet of Bob is"})
     assert expert.router.applies(encode_prompts(svf, tokenizer, [e.prompt for e in edits])).all()
-    assert not expert.router.applies(encode_prompts(svf, tokenizer, pool + ["The pet of Bob is"])).any()
+    routed = expert.router.applies(encode_prompts(svf, tokenizer, held_out))
+    assert not routed.any(), [p for p, r in zip(held_out, routed) if r]
 
 
 def test_learning_rate_decays_and_a_wrong_scheduler_name_is_named(tiny_world, tmp_path):
@@ -132,18 +115,22 @@ def test_learning_rate_decays_and_a_wrong_scheduler_name_is_named(tiny_world, tm
         SVFTrainer(svf, tokenizer, edits, pool, config)
 
 
-def test_unguided_exact_match_gets_no_signal(tiny_world, tmp_path):
-    """The sparse-reward problem: without the guide, no sampled answer is the target, so z never moves."""
-    model, tokenizer = _load(tiny_world)
+def test_guided_groups_move_z_where_unguided_exact_match_gets_no_signal(tiny_world, tmp_path):
+    """The sparse-reward problem: without the guide no sampled answer is the target, so z never moves; with it, the
+    same run (same settings, seed and reward) does move z."""
     edits, pool = tiny_edits()
-    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=5, guided=False, kl_coef=0.0,
-                         edits_per_step=2, neighbours_per_step=0, group_size=4, save_every=0, eval_every=0,
-                         progress=False, rewards={"exact_match": 1.0})
-    svf = apply_svf(model, config.svf_config(), progress=False)
-    before = svf.get_z()
-    SVFTrainer(svf, tokenizer, edits, pool, config).train()
-    after = svf.get_z()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    moved = {}
+    for guided in (False, True):
+        model, tokenizer = _load(tiny_world)
+        config = TrainConfig(output_dir=str(tmp_path / f"guided-{guided}"), steps=5, guided=guided, kl_coef=0.0,
+                             edits_per_step=2, neighbours_per_step=0, group_size=4, save_every=0, eval_every=0,
+                             progress=False, rewards={"exact_match": 1.0})
+        svf = apply_svf(model, config.svf_config(), progress=False)
+        before = svf.get_z()
+        SVFTrainer(svf, tokenizer, edits, pool, config).train()
+        after = svf.get_z()
+        moved[guided] = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert moved[False] == 0.0 and moved[True] > 1e-2, moved
 
 
 def test_kl_is_zero_at_the_unedited_model(tiny_world):

@@ -235,12 +235,11 @@ def tiny_world(tmp_path_factory):
 
 
 def test_tiny_world_recalls_its_facts(tiny_world):
-    world, _, _, seconds = tiny_world
+    world, _, _, _ = tiny_world
     recall = world.report["pre_edit_recall"]
     for group in ("edit", "alias", "locality", "synthetic"):
         assert recall[group]["recall"] >= 0.9, (group, recall)
     assert world.report["targets_known"] == 1.0
-    assert seconds < 60  # the brief asks < 30 s on an idle 2-core machine; leave room for a busy one
     # The old answer, not the target, is what the model says before editing.
     record = world.records[0]
     assert exact_match(world.model, world.tokenizer, [(record.prompt, record.ground_truth[0]),
@@ -287,9 +286,8 @@ def test_cache_hit_skips_training_and_changed_data_rebuilds(tmp_path, monkeypatc
     calls = []
     real_pretrain = world_module.pretrain
     monkeypatch.setattr(world_module, "pretrain", lambda *a, **k: calls.append(1) or real_pretrain(*a, **k))
-    started = time.perf_counter()
     again = build_world(data, out, config=NO_TRAINING, progress=False)
-    assert calls == [] and time.perf_counter() - started < 5
+    assert calls == []  # a cache hit trains nothing (its time is a scripts/bench.py row, not a test)
     assert again.report["key"] == first.report["key"]
     build_world(data, out, config=NO_TRAINING, progress=False, force=True)
     assert calls == [1]

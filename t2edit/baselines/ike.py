@@ -26,6 +26,7 @@ from collections import Counter
 from t2edit.baselines.target_loss import EditInputError, check_records
 from t2edit.data.records import EditRecord
 from t2edit.editing import EditedModel, Editor
+from t2edit.leakage import learning_pool
 from t2edit.text import new_fact_context
 
 _WORD = re.compile(r"\w+")
@@ -77,27 +78,31 @@ def copy_demo(prompt: str, target: str) -> str:
 class IKEEditor(Editor):
     """In-context editing with `k` copy demonstrations retrieved from `train_records`.
 
-    `train_records` must come from a training split or the world's other facts. Records whose prompt equals a
-    prompt being edited are skipped at edit time. Only `prompt` and `target_new` of any record are read."""
+    `train_records` must come from a training split or the world's other facts. At edit time the leakage guard
+    (t2edit.leakage.learning_pool) decides which of them may be shown: no record whose prompt the evaluation scores
+    for the edited records (edit, rephrase, locality, portability). Only `prompt` and `target_new` are shown."""
 
     name = "ike"
 
     def __init__(self, train_records: list[EditRecord] | None = None, k: int = 4):
         if k < 0:
             raise EditInputError(f"IKE needs k >= 0 demonstrations, got k={k}")
-        pool = [(r.prompt, r.target) for r in (train_records or []) if r.target_new and r.prompt.strip()]
+        self.train_records = list(train_records or [])
+        pool = [(r.prompt, r.target) for r in self.train_records if r.target_new and r.prompt.strip()]
         if k > 0 and not pool:
             raise EditInputError("IKE needs a pool of training records for its demonstrations: pass "
                                  "train_records=[...] (from a training split, never the evaluated records), "
                                  "or use k=0 (the 'prompt' editor)")
         self.k = k
         self.pool = pool
-        self.pool_index = BM25([fact_text(p, t) for p, t in pool])
+        self.pool_index = BM25([fact_text(p, t) for p, t in pool])  # over the whole pool: rankings do not shift
 
     def edit(self, model, tokenizer, records):
         check_records(records, self.name)
-        edited_prompts = {r.prompt for r in records}
-        excluded = {i for i, (prompt, _) in enumerate(self.pool) if prompt in edited_prompts}
+        excluded: set[int] = set()
+        if self.k > 0:  # the guard decides which pool records may be shown
+            allowed = set(learning_pool(records, self.train_records, anchors_per_edit=0).demonstrations)
+            excluded = {i for i, demo in enumerate(self.pool) if demo not in allowed}
         contexts = [self.demonstrations(r.prompt, r.target, excluded) + new_fact_context(r.prompt, r.target)
                     for r in records]
         if len(contexts) == 1:

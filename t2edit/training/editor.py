@@ -10,18 +10,19 @@ import torch
 from t2edit.data.records import EditRecord
 from t2edit.editing import EditedModel, Editor
 from t2edit.experts import Expert
+from t2edit.leakage import learning_pool
 from t2edit.routing import RoutedModel
 from t2edit.svf import apply_svf
 from t2edit.training.config import TrainConfig, parse_train_config
-from t2edit.training.pools import neighbour_candidates, subject_neighbour_candidates
 from t2edit.training.trainer import SVFTrainer
 
 
 class SVFEditor(Editor):
     """Trains an SVF expert for the given edits (or applies a trained one) and returns the edited model.
 
-    `neighbour_records` / `neighbour_prompts` are the other facts used for locality training; prompts the
-    evaluation scores for the edited records are removed from them here, whatever the caller passes.
+    `neighbour_records` / `neighbour_prompts` are the other facts used for locality training; the leakage guard
+    (t2edit.leakage.learning_pool) removes the prompts the evaluation scores for the edited records, whatever the
+    caller passes.
 
     `route=True` (method "svf") answers in two passes: the expert applies only to prompts its router picks
     (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt."""
@@ -46,15 +47,13 @@ class SVFEditor(Editor):
             svf_model = expert.load_into(model)
         else:
             svf_model = apply_svf(model, self.config.svf_config(), progress=False)
-            edited = {r.prompt for r in records}
-            others = [r for r in self.neighbour_records if r.prompt not in edited]
-            pool = neighbour_candidates(records, others, self.neighbour_prompts)
-            subject_pool = subject_neighbour_candidates(records, others)
+            pool = learning_pool(records, self.neighbour_records, self.neighbour_prompts)
             # One directory per edit call; no checkpoints (an evaluation re-runs its edits rather than resuming).
             self.calls += 1
             config = TrainConfig(**{**asdict(self.config), "save_every": 0, "resume": False,
                                     "output_dir": str(Path(self.config.output_dir) / f"edit-{self.calls:04d}")})
-            self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool, config, subject_prompts=subject_pool)
+            self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool.neighbour_prompts, config,
+                                           subject_prompts=pool.subject_prompts)
             expert = self.last_trainer.train()
         svf_model.eval()
         if not self.route:

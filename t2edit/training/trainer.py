@@ -306,7 +306,9 @@ class SVFTrainer:
                                   self.calibration_negatives(), config.route_margin)
         expert = Expert.from_model(self.model, router=router, info={
             "name": self.output_dir.name, "edits": len(self.edits), "steps": self.step, "data": config.data,
-            "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]})
+            "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]},
+            edit_prompts=[r.prompt for r in self.edits],
+            learned_prompts=self.neighbour_prompts + self.subject_prompts)  # trained on; calibrated on a sample
         if self.is_main:
             expert.save_pretrained(self.output_dir / "expert")
             plot_reward_curves(metrics_path, self.output_dir / "reward_curve.png")
