@@ -127,7 +127,7 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
 PRESETS: dict[str, dict] = {
     "world": {},
     "llm": {
-        "learning_rate": 0.02, "steps": 40, "lr_scheduler_type": "constant", "group_size": 1, "top_k": 50,
+        "learning_rate": 0.02, "steps": 40, "lr_scheduler_type": "constant", "group_size": 1, "baseline": "none", "top_k": 50,
         "sample_neighbours": False, "neighbours_per_step": 16, "kl_coef": 1.0, "eval_every": 5,
         "stop_at_edit_success": 1.0, "save_every": 10, "rewards": {"exact_match": 1.0},
     },
