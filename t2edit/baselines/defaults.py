@@ -44,11 +44,11 @@ SMALL_REAL = BaselineProfile(
     "real model under 1B parameters (tuned on SmolLM2-135M, KnowEdit train_cf records 200-219)",
     # EasyEdit FT-M's objective, 25 steps and Adam; tuned: layer 5 of 30 and lr 2e-3 (batch grid best), and a
     # stop at mean loss 0.3 instead of 1e-2 (single-edit mode: same edit success, twice the locality).
-    # Up to 64 edits share one optimiser step, so 20 or 50 edits get the same number of updates as tuned (with
-    # 32, 50 edits took two updates a step: 24 % locality where 20 edits kept 52 %).
-    ft={"depth": 1 / 6, "lr": 2e-3, "steps": 25, "stop_loss": 0.3, "batch_size": 64, "precision": "auto"},
+    # Chunks of 32 edits (the config's default): 50 edits take two updates a step, which scored better on 50
+    # training records than one update of all 50 (mean of ES/Loc/Port 59.9 vs 49.0; LoRA 54.7 vs 53.2).
+    ft={"depth": 1 / 6, "lr": 2e-3, "steps": 25, "stop_loss": 0.3, "precision": "auto"},
     # EasyEdit's rank 8, alpha 32, dropout 0.1, q_proj/v_proj on every layer; tuned: lr 2e-3, 20 steps, stop 0.3.
-    lora={"lr": 2e-3, "steps": 20, "stop_loss": 0.3, "batch_size": 64, "precision": "auto"},
+    lora={"lr": 2e-3, "steps": 20, "stop_loss": 0.3, "precision": "auto"},
 )
 
 LARGE_REAL = BaselineProfile(
