@@ -229,7 +229,7 @@ def _detect_format(rows: list) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- reading sources
 # Record files shipped with the package, by name. "real-facts": 36 counterfactual edits of facts a small pretrained
-# LLM knows (capitals, authors, founders...), KnowEdit format; the first 24 are the demo's edits, the rest its
+# LLM knows (capitals, authors, founders...), KnowEdit format; the first 20 are the demo's edits, the rest its
 # training pool (neighbours, IKE demonstrations, router negatives).
 SHIPPED_DATA = {"real-facts": Path(__file__).resolve().parent / "real_facts.json",
                 "builtin": Path(__file__).resolve().parent / "builtin_facts.json"}
