@@ -16,17 +16,14 @@ import argparse
 import json
 import time
 
-import torch
+import torch  # noqa: F401  (loaded before transformers, as bench.py does)
+
+from bench import _timed  # scripts/ is on sys.path when this runs as a script: one timer for both benches
 
 
-def _timed(fn, repeat: int = 3) -> float:
-    fn()  # warm-up (kernel selection, caches)
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+def _warm_timed(fn) -> float:
+    fn()  # warm-up (kernel selection, caches) before the timed repeats
+    return _timed(fn)
 
 
 def main(argv=None):
@@ -81,15 +78,15 @@ def main(argv=None):
             logps.sum().backward()
         return run
 
-    svf_bf16 = _timed(forward_backward(svf, "auto"))
+    svf_bf16 = _warm_timed(forward_backward(svf, "auto"))
     rows.append(("reinforce_step", f"fwd+bwd of its {len(prompts)} rows", svf_bf16, "one REINFORCE step", step))
-    svf_fp32 = _timed(forward_backward(svf, "fp32"))
+    svf_fp32 = _warm_timed(forward_backward(svf, "fp32"))
     rows.append(("precision", "SVF fwd+bwd fp32", svf_fp32, "bf16 autocast", svf_bf16))
     base = svf.unload()
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    lora_bf16 = _timed(forward_backward(lora, "auto"))
+    lora_bf16 = _warm_timed(forward_backward(lora, "auto"))
     rows.append(("svf_vs_lora", "LoRA r=8 q/v fwd+bwd", lora_bf16, "SVF (MLP z) fwd+bwd", svf_bf16))
 
     print(f"{args.model}: {len(edits)} edits, {len(prompts)} rows scored in the timed step")
