@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from t2edit.precision import autocast_dtype
+
 try:  # GPT-2-style models store linear layers transposed in a Conv1D.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -258,6 +260,11 @@ class SVFLinear(nn.Module):
         self.z = nn.Parameter(init)
         self._cached_weight: torch.Tensor | None = None
         self._cache_key = None
+        self._cast_weight: torch.Tensor | None = None  # W' in the autocast dtype (bf16), made once per z
+        self._cast_key = None
+        # W' is built in the base weight's dtype, recorded now: the base layer may hold a bf16 copy for a while
+        # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
+        self.weight_dtype = _weight_as_out_in(base_layer).dtype
         self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
         self.row_gate: torch.Tensor | None = None  # [batch] of 0/1: which rows of the batch use the expert (routing)
         # Several experts at once (t2edit.adaptation): a callable (layer, x) -> output that gives each row of the
@@ -282,7 +289,7 @@ class SVFLinear(nn.Module):
 
     def weight_for(self, sigma: torch.Tensor) -> torch.Tensor:
         """U diag(σ) Vᵀ as (out, in) in the base layer's dtype: `merged_weight`'s arithmetic for a given σ."""
-        return ((self.U * sigma.to(self.U.dtype)) @ self.Vh).to(self.base_layer.weight.dtype)
+        return ((self.U * sigma.to(self.U.dtype)) @ self.Vh).to(self.weight_dtype)
 
     def forward_row_sigma(self, x: torch.Tensor, sigma_rows: torch.Tensor) -> torch.Tensor:
         """y = ((x V) ⊙ σ_row) Uᵀ + b with σ_row [batch, rank]: every row of the batch gets its own singular
@@ -303,12 +310,23 @@ class SVFLinear(nn.Module):
             self._cache_key = key
         return self._cached_weight
 
+    def compute_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """W' in the dtype the matmul runs in: under autocast a bf16 copy made once per z, not cast on every call
+        (in generation, one call per token); bit for bit what autocast's own cast would give."""
+        weight = self.merged_weight()
+        dtype = autocast_dtype(x.device)
+        if dtype is None or dtype == weight.dtype or not weight.is_floating_point():
+            return weight
+        if self._cast_weight is None or self._cast_key != (self._cache_key, dtype):
+            self._cast_weight, self._cast_key = weight.to(dtype), (self._cache_key, dtype)
+        return self._cast_weight
+
     def forward(self, x):
         if self.bypass:
             return self.base_layer(x)
         if self.row_plan is not None:
             return self.row_plan(self, x)
-        weight = self.merged_weight()
+        weight = self.compute_weight(x)
         bias = self.base_layer.bias
         if torch.is_grad_enabled() and self.z.requires_grad:
             sigma = self.singular_values()

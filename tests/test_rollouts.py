@@ -277,3 +277,74 @@ def test_trim_at_eos():
     assert trim_at_eos([4, 5, 2, 0, 0], eos_id=2, pad_id=0) == [4, 5, 2]
     assert trim_at_eos([4, 5, 0, 0], eos_id=2, pad_id=0) == [4, 5]
     assert trim_at_eos([4, 5], eos_id=2, pad_id=0) == [4, 5]
+
+
+def test_each_prompt_generates_within_its_own_budget_and_greedy_answers_do_not_depend_on_the_batching(
+        tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer)
+    prompts = ["The capital of Foo is", "The spouse of", "The capital of Bar is", "Foo"]
+    budgets = [1, 6, 3, 12]
+    torch.manual_seed(0)
+    sampled = HFRollouts(model, tiny_tokenizer).sample(prompts, 2, 1.0, budgets)
+    assert [len(g) for g in sampled] == [2, 2, 2, 2]
+    assert all(0 < len(ids) <= budget for g, budget in zip(sampled, budgets) for ids in g)
+    # Greedy: a prompt batched with short-budget prompts says what it says alone with one long budget, cut at its own.
+    together = HFRollouts(model, tiny_tokenizer).sample(prompts, 1, 0.0, budgets)
+    for prompt, budget, group in zip(prompts, budgets, together):
+        alone = HFRollouts(model, tiny_tokenizer).sample([prompt], 1, 0.0, 12)[0][0]
+        assert group[0] == alone[:budget]
+    with pytest.raises(ValueError, match="2 token budgets for 4 prompts"):
+        HFRollouts(model, tiny_tokenizer).sample(prompts, 1, 0.0, [3, 4])
+
+
+def test_budget_groups_cover_every_prompt_once_and_split_only_where_it_pays():
+    import itertools
+    import random
+
+    def cost(groups, budgets, step):
+        return sum(max(budgets[i] for i in g) * (step + len(g)) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(30):
+        budgets = [rng.choice([2, 3, 4, 6, 9, 25]) for _ in range(rng.randint(1, 7))]
+        groups = rollouts_module.budget_groups(budgets, step_cost_rows=4.0)
+        assert sorted(i for g in groups for i in g) == list(range(len(budgets)))
+        order = sorted(range(len(budgets)), key=lambda i: budgets[i])
+        brute = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))], budgets, 4.0)
+                    for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(groups, budgets, 4.0) == pytest.approx(brute)
+    fifty = [3] * 49 + [25]
+    assert [len(g) for g in rollouts_module.budget_groups(fifty, step_cost_rows=32.0)] == [49, 1]
+    assert [len(g) for g in rollouts_module.budget_groups(fifty, step_cost_rows=1024.0)] == [50]
+
+
+def test_truncated_sampler_draws_from_the_top_k_top_p_distribution():
+    torch.manual_seed(0)
+    scores = torch.randn(1, 40) * 2
+    draws = 6000
+
+    def frequencies(sampler):
+        counts = torch.zeros(40)
+        for _ in range(draws):
+            out = sampler(None, scores)
+            assert torch.isfinite(out).sum() == 1  # one token is left for greedy decoding to emit
+            counts[out.argmax()] += 1
+        return counts / draws
+
+    probs = torch.softmax(scores[0] / 0.7, -1)
+    top5 = probs.topk(5).indices
+    freq = frequencies(rollouts_module.TruncatedSampler(0.7, top_k=5))
+    expected = torch.zeros(40)
+    expected[top5] = probs[top5] / probs[top5].sum()
+    assert (freq - expected).abs().max() < 0.03
+    assert freq[expected == 0].sum() == 0
+    # top-p: the smallest head of the distribution whose mass reaches p
+    ordered = probs.sort(descending=True)
+    head = int((ordered.values.cumsum(0) < 0.6).sum()) + 1
+    freq = frequencies(rollouts_module.TruncatedSampler(0.7, top_p=0.6))
+    assert set(freq.nonzero().squeeze(-1).tolist()) <= set(ordered.indices[:head].tolist())
+    assert (freq[ordered.indices[:head]] > 0).all()
+    # no truncation: the whole softmax at the temperature
+    assert (frequencies(rollouts_module.TruncatedSampler(0.7)) - probs).abs().max() < 0.03
+    with pytest.raises(ValueError, match="temperature"):
+        rollouts_module.TruncatedSampler(0.0)

@@ -1,12 +1,12 @@
 """Pieces of the REINFORCE objective: advantages, sequence log-probabilities with the KL anchor, the LR schedule."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from t2edit.precision import autocast_context, bf16_is_fast, frozen_weights_cast  # noqa: F401  (re-exported)
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.training.config import TrainConfig
 
@@ -66,26 +66,6 @@ def score_rows(completions: list[list[int]], advantages: torch.Tensor, groups: t
     keep = [i for i, (row, a) in enumerate(zip(index, total))
             if abs(a) > 1e-12 or (with_kl and kinds[row] == "neighbour")]
     return ScoredRows([index[i] for i in keep], torch.tensor([total[i] for i in keep], dtype=torch.float32))
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast where it is fast (GPUs with bf16, CPUs with AMX), fp32 otherwise. `precision` is "auto",
-    "bf16" or "fp32"; z, its optimizer state and the SVD factors stay fp32 either way."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision={precision!r}; choose auto, bf16 or fp32")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # AMX tiles: bf16 matmuls several times faster than fp32 (7x measured on 2 cores)
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe and probe())
-    return False
 
 
 def _decoder_and_head(model):
@@ -203,7 +183,7 @@ def sequence_logprobs(model: SVFModel, tokenizer, prompts: list[str], completion
     if not prompts:  # every rollout of the step had advantage 0: nothing to score
         empty = torch.zeros(0, device=device)
         return empty, empty
-    with autocast_context(device, precision):
+    with autocast_context(device, precision), frozen_weights_cast(model):
         logits, targets, row_of = scored_logits(model, tokenizer, prompts, completions)
     policy = torch.log_softmax(logits.float(), -1)
     token_logps = policy.gather(-1, targets[:, None]).squeeze(-1)
@@ -212,7 +192,7 @@ def sequence_logprobs(model: SVFModel, tokenizer, prompts: list[str], completion
         return per_row, torch.zeros_like(per_row)
     kl_rows = kl_rows.to(device)
     picked = kl_rows.nonzero().squeeze(-1).tolist()
-    with torch.no_grad(), model_bypassed(model), autocast_context(device, precision):
+    with torch.no_grad(), model_bypassed(model), autocast_context(device, precision), frozen_weights_cast(model):
         reference, _, _ = scored_logits(model, tokenizer, [prompts[i] for i in picked],
                                         [completions[i] for i in picked])
     reference = torch.log_softmax(reference.float(), -1)

@@ -54,14 +54,11 @@ class TrainItem:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
-    rollouts = HFRollouts(model, tokenizer, batch_size=batch_size)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        for ids in rollouts.sample(chunk, 1, 0.0, max_new_tokens):
-            texts.append(tokenizer.decode(ids[0], skip_special_tokens=True).strip())
-    return texts
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int],
+                   batch_size: int = 128) -> list[str]:
+    """Greedy answers; `max_new_tokens` is one budget or one per prompt."""
+    groups = HFRollouts(model, tokenizer, batch_size=batch_size).sample(prompts, 1, 0.0, max_new_tokens)
+    return [tokenizer.decode(ids[0], skip_special_tokens=True).strip() for ids in groups]
 
 
 class SVFTrainer:
@@ -80,9 +77,13 @@ class SVFTrainer:
         self.rollouts = rollouts or HFRollouts(model, tokenizer)
         self.edit_items = [TrainItem(r.prompt, list(r.target_new), "edit") for r in edits]
         self.edits = edits
-        answer_tokens = max(len(tokenizer(" " + a, add_special_tokens=False)["input_ids"])
-                            for r in edits for a in r.target_new)
-        self.max_new_tokens = config.max_new_tokens or answer_tokens + 2
+        # Token budgets: the rewards read an answer and the word after it, so an edit prompt generates its own longest
+        # accepted answer + 2 tokens (not the longest of the batch: one 23-token answer made fifty 3-token ones
+        # generate 25 tokens each). Neighbour references get the longest edit budget.
+        self.budgets = {item.prompt: config.max_new_tokens or 2 + max(
+            len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in item.answers)
+            for item in self.edit_items}
+        self.max_new_tokens = max(self.budgets.values())
         # Neighbours keep the unedited model's own answer (not the dataset's): that is what locality measures. The
         # answers are computed lazily, for the neighbours a step draws, and cached: a pool of thousands of prompts
         # costs nothing before step 1.
@@ -158,9 +159,11 @@ class SVFTrainer:
         config = self.config
         sampled_items = [i for i in items if config.objective == "reinforce" and
                          (i.kind == "edit" or config.sample_neighbours)]
-        sampled = iter(self.rollouts.sample([i.prompt for i in sampled_items], config.group_size,
-                                            config.temperature, self.max_new_tokens, top_k=config.top_k,
-                                            top_p=config.top_p) if sampled_items else [])
+        with autocast_context(self.model.device, config.precision):  # sampling is half of a step in fp32
+            sampled = iter(self.rollouts.sample(
+                [i.prompt for i in sampled_items], config.group_size, config.temperature,
+                [self.budgets.get(i.prompt, self.max_new_tokens) for i in sampled_items], top_k=config.top_k,
+                top_p=config.top_p) if sampled_items else [])
         for item in items:
             if config.objective == "reinforce" and (item.kind == "edit" or config.sample_neighbours):
                 members = [list(ids) for ids in next(sampled)]
@@ -250,7 +253,7 @@ class SVFTrainer:
         """Strict edit success on the training (edit) prompts: greedy answer matches the target."""
         with autocast_context(self.model.device, self.config.precision):
             said = greedy_answers(self.model, self.tokenizer, [i.prompt for i in self.edit_items],
-                                  self.max_new_tokens)
+                                  [self.budgets[i.prompt] for i in self.edit_items])
         return _mean([float(answer_matches(s, i.answers)) for s, i in zip(said, self.edit_items)])
 
     def calibration_negatives(self) -> list[str]:
