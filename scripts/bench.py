@@ -8,8 +8,10 @@
 * train_step: forward + backward to z (factored gradient) vs the same through the base model's full weights.
 * adaptive_k{K}: K experts behind a router (t2edit.adaptation), every row of the batch a different expert,
   two passes vs one SVF pass, for K = 1, 16 and N (--experts-n), each mixing strategy (rows: per-row singular
-  values through U and V; groups: one U diag(σ) Vᵀ per distinct mixture); also one prompt alone, and the
-  memory of one expert on disk and in RAM.
+  values through U and V; groups: one U diag(σ) Vᵀ per distinct mixture); also one prompt alone (auto too), and the
+  memory of one expert on disk and in RAM. A batch of 4 prompts holds at most 4 distinct experts; K = 16 and N
+  differ from K = 4 in the experts held (z stacks) and the router's choices, not in the mixtures per call.
+  `--only adaptive` runs these rows alone (writes the same JSON layout, e.g. results/bench_adaptive.json).
 * world_build: a tiny fact world (first 12 built-in records, WorldConfig.tiny()) pretrained from scratch vs loaded
   from its cache. Targets: pretraining under 30 s on an idle 2-core machine, a cache hit under 5 s (these were
   timed assertions in tests/test_world.py; on a shared machine they belong here). `--no-world` skips it.
@@ -42,6 +44,8 @@ def main():
     parser.add_argument("--experts-n", type=int, default=100, help="N for the adaptive_k{N} rows")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--no-world", action="store_true", help="skip the world_build row")
+    parser.add_argument("--only", choices=("all", "adaptive"), default="all",
+                        help="adaptive: only the adaptive_k* rows and the expert's memory")
     args = parser.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,6 +64,10 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         svf_config = SVFConfig(svd_cache_dir=cache)
+        if args.only == "adaptive":
+            with torch.no_grad():
+                memory = adaptive_rows(apply_svf(model, svf_config, progress=False), ids, args.experts_n, rows)
+            return _report(args, device, rows, memory)
         cold = _timed(lambda: apply_svf(model, svf_config, progress=False).unload(), repeat=1)
         warm = _timed(lambda: apply_svf(model, svf_config, progress=False).unload(), repeat=3)
         rows.append(("svd_cache", "decompose (cold)", cold, "load (warm)", warm))
@@ -105,15 +113,18 @@ def main():
 
     if not args.no_world:
         rows.append(_world_build_row())
+    _report(args, device, rows, memory)
 
+
+def _report(args, device, rows, memory):
     print(f"device: {device}, Llama hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
           f"{args.tokens} tokens")
     print(f"{'benchmark':<12} {'reference':<24} {'s':>8} {'candidate':<22} {'s':>8} {'ratio':>7}")
     results = []
-    for name, ref_name, ref, cand_name, cand in rows:
+    for name, ref_name, ref, cand_name, cand, *prompts in rows:
         print(f"{name:<12} {ref_name:<24} {ref:8.3f} {cand_name:<22} {cand:8.3f} {ref / cand:7.1f}x")
         results.append({"benchmark": name, "reference": ref_name, "reference_s": ref, "candidate": cand_name,
-                        "candidate_s": cand, "speedup": ref / cand})
+                        "candidate_s": cand, "speedup": ref / cand, **({"prompts": prompts[0]} if prompts else {})})
     print(f"one expert: {memory['disk_bytes'] / 1024:.1f} KiB on disk, {memory['ram_bytes'] / 1024:.1f} KiB in RAM "
           f"(z only; the base weights are shared by all experts)")
     with open(args.out, "w") as handle:
@@ -154,10 +165,11 @@ def adaptive_rows(svf, ids, n_experts: int, rows: list) -> dict:
         for mixing in ("rows", "groups"):
             model = AdaptiveModel(svf, experts[:k], EachRowAnotherExpert(), mixing=mixing)
             two = _timed(lambda: model(input_ids=ids, attention_mask=mask))
-            rows.append((f"adaptive_k{k}", "SVF (one pass)", one_pass, f"two-pass, {mixing}", two))
-        model = AdaptiveModel(svf, experts[:k], EachRowAnotherExpert(), mixing="auto")
-        two_single = _timed(lambda: model(input_ids=single, attention_mask=mask[:1]))
-        rows.append((f"adaptive_k{k}_1prompt", "SVF (one pass)", one_pass_single, "two-pass, auto", two_single))
+            rows.append((f"adaptive_k{k}", "SVF (one pass)", one_pass, f"two-pass, {mixing}", two, len(ids)))
+        for mixing in ("rows", "groups", "auto"):
+            model = AdaptiveModel(svf, experts[:k], EachRowAnotherExpert(), mixing=mixing)
+            two = _timed(lambda: model(input_ids=single, attention_mask=mask[:1]))
+            rows.append((f"adaptive_k{k}_1prompt", "SVF (one pass)", one_pass_single, f"two-pass, {mixing}", two, 1))
     with tempfile.TemporaryDirectory() as directory:
         experts[0].save_pretrained(directory)
         disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))

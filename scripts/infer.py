@@ -1,7 +1,7 @@
 """Two-pass inference with many SVF experts: per prompt, the experts the router picks, their weights, the answer.
 
-    python scripts/infer.py --model smollm2-135m --experts runs/a/expert runs/b/expert --router scope \
-        --prompt "The spouse of Piet L. Zelmere is"
+    python scripts/infer.py --model smollm2-135m --experts runs/a/expert runs/b/expert --router embedding \
+        --prompt "The occupation of Martín Solares is"     # experts from scripts/train_rl.py
     python scripts/infer.py --experts runs/comp/experts-k4/expert-000*/expert --router embedding \
         --prompts prompts.txt --json            # no --model: the built-in fact world
 

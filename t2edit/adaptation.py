@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from t2edit.experts import Expert, ExpertMismatchError
+from t2edit.routing import TwoPassModel
 from t2edit.svf import SVFLinear, SVFModel, apply_svf, model_bypassed, rows_planned
 
 MIXING = ("auto", "rows", "groups")
@@ -65,13 +66,11 @@ class PromptBatch:
         return self._texts
 
 
-class AdaptiveModel(nn.Module):
+class AdaptiveModel(TwoPassModel):
     """An SVF model with K experts behind a router; `forward` and `generate` work like a transformers model.
 
     `forward(..., prompt_end=[...])` gives the index of each row's last prompt token when the input also holds an
     answer (teacher forcing, as the evaluation does); without it the final position is the prompt's end."""
-
-    routes_on_prompt = True
 
     def __init__(self, svf_model: SVFModel, experts: Sequence[Expert], router, tokenizer=None, mixing: str = "auto",
                  fit: bool = True, **fit_kwargs):
@@ -115,19 +114,7 @@ class AdaptiveModel(nn.Module):
         return cls.from_experts(base_model, [Expert.from_pretrained(d) for d in expert_dirs], router, tokenizer,
                                 **kwargs)
 
-    # -- transformers-like surface ------------------------------------------------------------------------------
-    @property
-    def config(self):
-        return self.svf_model.config
-
-    @property
-    def generation_config(self):
-        return self.svf_model.base_model.generation_config
-
-    @property
-    def device(self):
-        return self.svf_model.device
-
+    # -- transformers-like surface (config, generation_config, device: TwoPassModel) ------------------------------
     @property
     def num_experts(self) -> int:
         return len(self.experts)

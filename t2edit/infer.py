@@ -59,16 +59,16 @@ def run(args) -> list[dict]:
 
     from t2edit.adaptation import AdaptiveModel
     from t2edit.experts import Expert
-    from t2edit.routers import get_router
+    from t2edit.routers import edits_of, get_router
 
     prompts = args.prompt or _read_lines(args.prompts, "--prompts")
     experts = [Expert.from_pretrained(d) for d in args.experts]
     model, tokenizer, negatives = _load(args.model)
     if args.negatives:
         negatives = _read_lines(args.negatives, "--negatives")
-    edit_prompts = {e.get("prompt") for x in experts for e in x.info.get("edits", [])} | \
-        {p for x in experts for p in x.info.get("edit_prompts", [])}
-    subjects = {e.get("subject") for x in experts for e in x.info.get("edits", []) if e.get("subject")}
+    edits = [e for x in experts for e in edits_of(x)]
+    edit_prompts = {e["prompt"] for e in edits}
+    subjects = {e["subject"] for e in edits if e.get("subject")}
     # An expert's own edit, or another question about its subject, is no negative by default.
     negatives = [n for n in negatives if n not in edit_prompts and not any(s in n for s in subjects)]
     if args.router == "classifier" and not negatives:
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, ensure_ascii=False))
         else:
             chosen = ", ".join(f"{k} ({w:g})" for k, w in row["experts"].items()) or "no expert"
-            print(f"{row['prompt']!r}\n  experts: {chosen}\n  answer:  {row['answer']}")
+            answer = " ".join(row["answer"].split())  # one line per answer here; --json keeps it exact
+            print(f"{row['prompt']!r}\n  experts: {chosen}\n  answer:  {answer}")
     return 0
 
 

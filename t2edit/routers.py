@@ -50,15 +50,18 @@ def one_hot_choice(choice: torch.Tensor, num_experts: int) -> torch.Tensor:
     return F.one_hot(choice.long(), num_experts + 1).float()
 
 
+def edits_of(expert) -> list[dict]:
+    """An expert's edits as {"prompt", "subject", "target"}: the list `annotate_expert` writes, else its edit prompts
+    alone (scripts/train_rl.py stores only the number of edits under "edits"; subject/target are then missing)."""
+    edits = expert.info.get("edits")
+    if isinstance(edits, list):
+        return list(edits)
+    return [{"prompt": p} for p in expert.info.get("edit_prompts", [])]
+
+
 def expert_edits(model: AdaptiveModel) -> list[list[dict]]:
-    """Per expert, its edits as {"prompt", "subject", "target"} (subject/target may be missing in old experts)."""
-    out = []
-    for expert in model.experts:
-        edits = expert.info.get("edits")
-        if edits is None:
-            edits = [{"prompt": p} for p in expert.info.get("edit_prompts", [])]
-        out.append(list(edits))
-    return out
+    """Per expert, its edits (`edits_of`)."""
+    return [edits_of(expert) for expert in model.experts]
 
 
 @torch.no_grad()
@@ -466,4 +469,4 @@ def annotate_expert(expert, records) -> None:
 
 __all__ = ["AUTOMATIC", "CEMRouter", "ClassifierRouter", "EmbeddingRouter", "ExpertRouter", "FixedRouter", "HybridRouter",
            "OracleRouter", "PromptRouter", "ROUTERS", "ScopeRouter", "UniformRouter", "annotate_expert",
-           "expert_edits", "get_router", "one_hot_choice"]
+           "edits_of", "expert_edits", "get_router", "one_hot_choice"]

@@ -76,18 +76,12 @@ def calibrate_router(model: SVFModel, tokenizer, edit_prompts: list[str], negati
     return router
 
 
-class RoutedModel(nn.Module):
-    """An SVF model behind a router: each row of a batch runs with the expert only if the router picks its prompt.
-
-    `forward(..., prompt_end=[...])` gives the index of each row's last prompt token when the input also holds
-    an answer (teacher forcing); without it the final position is the prompt's end (generation)."""
+class TwoPassModel(nn.Module):
+    """What a two-pass wrapper around `self.svf_model` shows the evaluation and `generate`: the attributes a
+    transformers model has. Shared by `RoutedModel` (one expert) and `t2edit.adaptation.AdaptiveModel` (K)."""
 
     routes_on_prompt = True  # the evaluation passes prompt_end when it feeds prompt + answer
-
-    def __init__(self, svf_model: SVFModel, router: Router):
-        super().__init__()
-        self.svf_model, self.router = svf_model, router
-        self.last_gate: torch.Tensor | None = None  # which rows the last call routed (for inspection)
+    svf_model: SVFModel
 
     @property
     def config(self):
@@ -100,6 +94,18 @@ class RoutedModel(nn.Module):
     @property
     def device(self):
         return self.svf_model.device
+
+
+class RoutedModel(TwoPassModel):
+    """An SVF model behind a router: each row of a batch runs with the expert only if the router picks its prompt.
+
+    `forward(..., prompt_end=[...])` gives the index of each row's last prompt token when the input also holds
+    an answer (teacher forcing); without it the final position is the prompt's end (generation)."""
+
+    def __init__(self, svf_model: SVFModel, router: Router):
+        super().__init__()
+        self.svf_model, self.router = svf_model, router
+        self.last_gate: torch.Tensor | None = None  # which rows the last call routed (for inspection)
 
     def _gate(self, input_ids, attention_mask, prompt_end=None) -> torch.Tensor:
         if attention_mask is None:

@@ -87,6 +87,23 @@ def test_eval_expert_refuses_prompts_it_trained_or_calibrated_on(world_and_exper
     assert "does not record which prompts" in capsys.readouterr().err
 
 
+def test_infer_routes_a_trained_experts_edit_prompt_and_leaves_another_fact_alone(world_and_expert, capsys):
+    """scripts/train_rl.py's experts record only the number of their edits (no subjects): the embedding router
+    still works from their saved keys; the scope router says what is missing."""
+    world, _, expert = world_and_expert
+    edit, other = hand_made_records()[0]["prompt"], hand_made_records()[8]["prompt"]
+    code = main(["infer", "--model", world, "--experts", str(expert), "--router", "embedding",
+                 "--prompt", edit, "--prompt", other, "--json"])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert code == 0 and [r["prompt"] for r in rows] == [edit, other]
+    assert rows[0]["experts"] == {str(expert): 1.0} and rows[0]["none"] == 0.0
+    assert rows[1]["experts"] == {} and rows[1]["none"] == 1.0
+    assert main(["infer", "--model", world, "--experts", str(expert), "--router", "scope", "--prompt", edit]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "subject" in err[0] and "--router embedding" in err[0]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_world(tmp_path):
     out = tmp_path / "demo"

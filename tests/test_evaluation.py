@@ -401,3 +401,20 @@ def test_single_and_batch_mode_agree_when_nothing_is_edited(tokenizer, taught):
     for metric in ("edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em"):
         assert getattr(batch, metric) == pytest.approx(getattr(single, metric)), metric
     assert batch.portability == 0.5
+
+
+def _png_width(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big")  # IHDR width
+
+
+def test_plot_sequential_draws_one_panel_per_router_and_leaves_only_the_png(tmp_path):
+    from t2edit.evaluation.composition import plot_sequential
+
+    row = dict(edit_success=0.5, locality=None, portability=0.25, edit_success_em=0.5, portability_em=0.0)
+    one = [{"router": "embedding", "edits": n, **row} for n in (1, 2, 4)]
+    plot_sequential(one, tmp_path / "one.png")
+    plot_sequential(one + [{**r, "router": "scope"} for r in one], tmp_path / "two.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]
+    assert _png_width(tmp_path / "two.png") > 1.8 * _png_width(tmp_path / "one.png")

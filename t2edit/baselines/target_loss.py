@@ -116,28 +116,12 @@ def seeded(seed: int, device: torch.device):
         yield
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """bfloat16 matmuls beat float32 on GPUs that have them and on CPUs with AMX (measured here: 749 vs 225
-    GFLOP/s on 2 cores); elsewhere autocast would only add casts."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: probe, never rely
-        return bool(probe and probe())
-    return False
+PRECISIONS = ("auto", "bf16", "fp32")  # autocast_context's choices; checked here first for an EditInputError
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise EditInputError(f"precision={precision!r}; choose one of: {', '.join(PRECISIONS)}")
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    check_precision(precision)
-    return precision == "bf16" or (precision == "auto" and bf16_is_fast(device))
 
 
 def train_on_targets(model: torch.nn.Module, parameters: list[torch.nn.Parameter],
@@ -150,8 +134,11 @@ def train_on_targets(model: torch.nn.Module, parameters: list[torch.nn.Parameter
 
     `stop_loss` (EasyEdit's FT rule, 1e-2 there): a batch whose loss is already below it takes no step, and
     training ends after the first step whose mean loss is below it. `precision` "bf16" runs the forward and
-    backward under bfloat16 autocast (the trained parameters stay float32); "auto" does so where it is fast. `after_step()` runs after every optimizer step
-    (FT-M's norm constraint)."""
+    backward under bfloat16 autocast (the trained parameters stay float32); "auto" does so where it is fast.
+    `after_step()` runs after every optimizer step (FT-M's norm constraint)."""
+    # Lazy: t2edit.baselines must not pull in the SVF training stack at import (test_registry_imports_svf_lazily).
+    from t2edit.training.objective import autocast_context
+
     flags = requires_grad_snapshot(model)
     was_training = model.training
     for parameter in model.parameters():
@@ -160,7 +147,7 @@ def train_on_targets(model: torch.nn.Module, parameters: list[torch.nn.Parameter
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
     device = model_device(model)
-    bf16 = use_bf16(precision, device)
+    check_precision(precision)
     losses = []
     model.train()  # LoRA dropout acts only in training mode
     try:
@@ -168,7 +155,7 @@ def train_on_targets(model: torch.nn.Module, parameters: list[torch.nn.Parameter
             for _ in trange(steps, desc=desc, disable=not progress, leave=False):
                 step_loss = 0.0
                 for batch in batches:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with autocast_context(device, precision):  # the SVF trainer's rule for when bf16 pays
                         loss = masked_target_loss(model, batch)
                     step_loss += loss.item()
                     if stop_loss is not None and loss.item() < stop_loss:

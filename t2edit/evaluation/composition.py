@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -313,30 +313,18 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope", "embe
 
 
 def plot_sequential(curve: list[dict], path: Path):
-    import matplotlib
+    """One panel per router: the rates against the number of single-edit experts so far."""
+    from t2edit.evaluation.report import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    routers = list(dict.fromkeys(r["router"] for r in curve))
-    figure, axes = plt.subplots(1, len(routers), figsize=(5.5 * len(routers), 4), squeeze=False)
-    for axis, name in zip(axes[0], routers):
+    panels = []
+    for name in dict.fromkeys(r["router"] for r in curve):
         rows = [r for r in curve if r["router"] == name]
         x = [r["edits"] for r in rows]
-        for key, style in (("edit_success", "o-"), ("locality", "s-"), ("portability", "^-"),
-                           ("edit_success_em", "o--"), ("portability_em", "^--")):
-            axis.plot(x, [100 * (r[key] or 0) for r in rows], style, label=key)
-        axis.set_title(f"sequential single-edit experts, router {name}")
-        axis.set_xlabel("edits so far (one expert each)")
-        axis.set_ylabel("%")
-        axis.set_ylim(0, 105)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+        panels.append((f"sequential single-edit experts, router {name}", [
+            (key, x, [100 * (r[key] or 0) for r in rows], style)
+            for key, style in (("edit_success", "o-"), ("locality", "s-"), ("portability", "^-"),
+                               ("edit_success_em", "o--"), ("portability_em", "^--"))]))
+    plot_curves(panels, path, xlabel="edits so far (one expert each)", ylabel="%", ylim=(0, 105), dpi=110)
 
 
 __all__ = ["AdaptiveEditor", "ROW_ROUTERS", "composition_table", "cross_two_hop", "negatives_for",

@@ -103,6 +103,36 @@ def _bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
     return buffer.getvalue()
 
 
+# (label, xs, ys, matplotlib format such as "o-"); a None in ys leaves a gap.
+Curve = tuple[str, Sequence[float], Sequence[float | None], str]
+
+
+def plot_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.PathLike, *, xlabel: str,
+                ylabel: str, ylim: tuple[float, float] | None = None, panel_width: float = 5.5,
+                dpi: int = 120) -> Path:
+    """Line plots, one panel per (title, curves) side by side, saved as one PNG at `path` (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(panel_width * len(panels), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for axis, (title, curves) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, xs, ys, style in curves:
+            axis.plot(list(xs), [float("nan") if y is None else y for y in ys], style, label=label)
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        if ylim is not None:
+            axis.set_ylim(*ylim)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    path = Path(path)
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
 def write_results(results: Sequence[MethodResult], out_dir: str | os.PathLike,
                   title: str = "Knowledge editing results") -> dict[str, Path]:
     """Write results.json, results.md and results.png into `out_dir` (created if needed); returns their paths."""
