@@ -52,7 +52,7 @@ def one_hot_choice(choice: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def edits_of(expert) -> list[dict]:
     """An expert's edits as {"prompt", "subject", "target"}: the list `annotate_expert` writes, else its edit prompts
-    alone (scripts/train_rl.py stores only the number of edits under "edits"; subject/target are then missing)."""
+    alone (experts trained before the trainer wrote subjects stored only the number of edits under "edits")."""
     edits = expert.info.get("edits")
     if isinstance(edits, list):
         return list(edits)

@@ -89,7 +89,8 @@ def test_trainer_learns_unsampled_targets_and_its_router_leaves_held_out_prompts
     assert rows[-1]["edit_success_greedy"] == 1.0
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "expert" / "expert.safetensors").exists()
-    assert expert.info["edits"] == 2
+    assert [e["prompt"] for e in expert.info["edits"]] == [r.prompt for r in edits] and \
+        all(e["subject"] for e in expert.info["edits"])
     # The two-pass router picks the edit prompts, and none of the prompts the evaluation scores for locality: held
     # out from its calibration (the guard keeps them out), so this checks that the threshold generalises.
     from t2edit.routing import encode_prompts

@@ -308,7 +308,9 @@ class SVFTrainer:
         router = calibrate_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
                                   self.calibration_negatives(), config.route_margin)
         expert = Expert.from_model(self.model, router=router, info={
-            "name": self.output_dir.name, "edits": len(self.edits), "steps": self.step, "data": config.data,
+            "name": self.output_dir.name,
+            # the edits with their subjects: the scope / hybrid routers of `t2edit infer` read them
+            "edits": [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in self.edits], "steps": self.step, "data": config.data,
             "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]},
             edit_prompts=[r.prompt for r in self.edits],
             learned_prompts=self.neighbour_prompts + self.subject_prompts)  # trained on; calibrated on a sample
@@ -386,28 +388,13 @@ def _start_wandb(config: TrainConfig):
 
 
 def plot_reward_curves(metrics_path: Path, out_path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from t2edit.evaluation.report import plot_curves
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     if not rows:
         return
     keys = [k for k in rows[0] if k.startswith("reward") or k == "edit_success_sampled"]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key in keys:
-        axis.plot([r["step"] for r in rows], [r.get(key) for r in rows], label=key)
     greedy = [(r["step"], r["edit_success_greedy"]) for r in rows if "edit_success_greedy" in r]
-    if greedy:
-        axis.plot(*zip(*greedy), "o-", label="edit_success_greedy")
-    axis.set_xlabel("step")
-    axis.set_ylabel("value")
-    axis.set_title("SVF expert training")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    os.replace(tmp, out_path)
+    curves = [(k, [r["step"] for r in rows], [r.get(k) for r in rows], "-") for k in keys]
+    curves += [("edit_success_greedy", *zip(*greedy), "o-")] if greedy else []
+    plot_curves([("SVF expert training", curves)], out_path, xlabel="step", ylabel="value", panel_width=7)
