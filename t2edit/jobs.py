@@ -76,7 +76,7 @@ def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None
 
 
 def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,
-                output_dir: str = "runs/eval"):
+                output_dir: str = "runs/eval", trained_experts: dict | None = None):
     from t2edit.baselines import get_editor
 
     if method in ("svf", "svf-always"):
@@ -87,7 +87,8 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
             model=None if setup.world_report is not None else setup.model_name,
             output_dir=str(Path(output_dir) / "svf"), progress=False))
         return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
-                         neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf")
+                         neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf",
+                         trained_experts=trained_experts)
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
     if method in ("ft", "lora"):  # settings by kind of model: fact world, small or large real model
@@ -106,9 +107,9 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
         from t2edit.leakage import check_expert_may_score
 
         check_expert_may_score(Expert.from_pretrained(expert_dir).info, setup.edits, expert_dir)
-    results = []
+    results, trained_experts = [], {}  # svf and svf-always score the same trained experts
     for method in methods:
-        editor = make_editor(method, setup, expert_dir, train_config, out_dir)
+        editor = make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts)
         print(f"[t2edit] evaluating {method} on {len(setup.edits)} edits ({mode} mode)", flush=True)
         # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
         batch_size = 64 if setup.world_report is not None else 16

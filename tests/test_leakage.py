@@ -188,3 +188,19 @@ def test_anchor_ranking_counts_how_often_relations_are_asked_together_and_skips_
     assert not [a for a in anchors if "Ann" in a]
     assert [a for a in anchors if "Dee" in a] == ["The car of Dee is", "The home of Dee is", "The job of Dee is",
                                                   "The river of Dee is", "The pet of Dee is"]
+
+
+def test_svf_and_svf_always_of_one_evaluation_train_each_edit_set_once(leaky_world, tmp_path, monkeypatch):
+    from t2edit.jobs import load_setup, run_eval
+
+    world_dir, data = leaky_world
+    setup = load_setup(world_dir, data, start=0, n_edits=2, progress=False)
+    trained = []
+    real_train = t2edit.training.trainer.SVFTrainer.train
+    monkeypatch.setattr(t2edit.training.trainer.SVFTrainer, "train",
+                        lambda self: trained.append(tuple(r.prompt for r in self.edits)) or real_train(self))
+    results = run_eval(setup, ["svf", "svf-always"], str(tmp_path / "eval"), mode="single", fluency=False,
+                       train_config=_tiny_run(tmp_path, world_dir, data, "eval-svf"), progress=False)
+    assert sorted(trained) == sorted((r.prompt,) for r in setup.edits)  # one training per edit, not two
+    assert [r.method for r in results] == ["svf", "svf-always"]
+    assert all(r.n_records == 2 and 0.0 <= r.edit_success <= 1.0 for r in results)  # both scored every edit

@@ -25,13 +25,16 @@ class SVFEditor(Editor):
     caller passes.
 
     `route=True` (method "svf") answers in two passes: the expert applies only to prompts its router picks
-    (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt."""
+    (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt.
+
+    `trained_experts`: a dict shared by the "svf" and "svf-always" editors of one evaluation, so the expert for a
+    set of edits is trained once and scored both ways (keyed by the edits' prompts and targets)."""
 
     name = "svf"
 
     def __init__(self, config: TrainConfig | None = None, expert_dir: str | None = None,
                  neighbour_records: list[EditRecord] = (), neighbour_prompts: list[str] = (), route: bool = True,
-                 **overrides):
+                 trained_experts: dict | None = None, **overrides):
         self.config = config or TrainConfig(**overrides)
         self.route = route
         self.name = "svf" if route else "svf-always"
@@ -40,10 +43,15 @@ class SVFEditor(Editor):
         self.neighbour_prompts = list(neighbour_prompts)
         self.last_trainer: SVFTrainer | None = None
         self.calls = 0
+        self.trained_experts = {} if trained_experts is None else trained_experts
 
     def edit(self, model, tokenizer, records):
+        key = tuple((r.prompt, tuple(r.target_new)) for r in records)
         if self.expert_dir:
             expert = Expert.from_pretrained(self.expert_dir)
+            svf_model = expert.load_into(model)
+        elif key in self.trained_experts:  # trained for these edits by the other svf method of this evaluation
+            expert = self.trained_experts[key]
             svf_model = expert.load_into(model)
         else:
             svf_model = apply_svf(model, self.config.svf_config(), progress=False)
@@ -55,6 +63,7 @@ class SVFEditor(Editor):
             self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool.neighbour_prompts, config,
                                            subject_prompts=pool.subject_prompts)
             expert = self.last_trainer.train()
+            self.trained_experts[key] = expert
         svf_model.eval()
         if not self.route:
             return EditedModel(model=svf_model, restore=svf_model.unload)
