@@ -48,6 +48,10 @@ TABLES = [
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 50 "
           "--method none,svf,svf-always,lora,ft,ike,prompt --expert runs/objectives/reinforce/expert "
           "--out runs/smollm2-batch50", "runs/smollm2-batch50/results.json"),
+    Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
+          "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single "
+          "--method none,svf,svf-always,lora,ft,ike,prompt --no-fluency --out runs/single20",
+          "runs/single20/results.json"),
 ]
 
 
@@ -60,8 +64,13 @@ def _method_block(payload: dict) -> list[str]:
     for r in results:
         parts = [v for v in (r.edit_success, r.locality, r.portability) if v is not None]
         means.append(f"{r.method} {100 * sum(parts) / len(parts):.1f}" if parts else f"{r.method} –")
-    return [format_table(results), "", "Mean of (Edit Succ., Locality, Portability), every method: "
-            + ", ".join(means) + "."]
+    lines = [format_table(results), "", "Mean of (Edit Succ., Locality, Portability), every method: "
+             + ", ".join(means) + "."]
+    per_edit = [f"{r.method} {r.extra['edit_seconds'] / r.n_records:.1f}" for r in results
+                if r.extra and r.extra.get("edit_seconds") is not None and r.n_records]
+    if per_edit:
+        lines += ["", "Seconds per edit (editing alone, scoring excluded): " + ", ".join(per_edit) + "."]
+    return lines
 
 
 def _bench_block(payload: dict) -> list[str]:

@@ -174,7 +174,9 @@ class SVFTrainer:
 
     def training_step(self) -> dict:
         config, tokenizer = self.config, self.tokenizer
+        started, sampling_before = time.perf_counter(), getattr(self.rollouts, "generate_seconds", 0.0)
         items = self.next_batch()
+        references_done = time.perf_counter()
         self.seen_prompts.update(item.prompt for item in items)
         prompts, completions, kinds, answers, group_of, is_guide = [], [], [], [], [], []
         for g, (item, members, guides) in enumerate(self._groups(items)):
@@ -235,7 +237,12 @@ class SVFTrainer:
         self.step += 1
 
         sampled_mask = [not g for g in is_guide]
-        metrics = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm.item(),
+        # Where a step's time goes: neighbour reference answers (every few steps), sampling, and the rest (scoring,
+        # backward, update).
+        sampling = getattr(self.rollouts, "generate_seconds", 0.0) - sampling_before
+        timing = {"time/references": references_done - started, "time/sampling": sampling,
+                  "time/step": time.perf_counter() - started}
+        metrics = {"step": self.step, **timing, "loss": loss_value, "grad_norm": grad_norm.item(),
                    "lr": self.optimizer.param_groups[0]["lr"], "rows_scored": len(rows.index),
                    "reward": _mean([r for r, s in zip(total, sampled_mask) if s])}
         for name, values in per_reward.items():
