@@ -28,6 +28,7 @@ class Table(NamedTuple):
 
 
 TABLES = [
+    Table("demo-smollm2", "results/demo_smollm2.json", "t2edit demo --out runs/demo", "runs/demo/results.json"),
     Table("demo", "results/demo.json", "t2edit demo --model world --out runs/demo", "runs/demo/results.json"),
     Table("knowedit-cf200", "results/knowedit_cf200.json",
           "t2edit world build --data ../shared/data/knowedit/train_cf.json --limit 200 --out worlds/cf200 && "
