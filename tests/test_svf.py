@@ -151,3 +151,270 @@ def test_merge_and_unload_round_trips_through_save_pretrained(tmp_path, tiny_tok
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / arch)
         rel = (_logits(reloaded, tiny_tokenizer, tiny_texts) - edited).norm() / edited.norm()
         assert rel < 1e-5, (arch, rel)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tests that pin results a user sees (each kills survivors of the mutmut run listed in README, Contributing).
+# ------------------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from t2edit.svf import (  # noqa: E402
+    default_svd_cache_dir, model_fingerprint, rows_planned, svf_config_dict, weight_fingerprint)
+
+
+class _Named(nn.Module):
+    """A plain module tree whose linear layers sit under the given dotted names."""
+
+    def __init__(self, names, bias=False, shape=(6, 4)):
+        super().__init__()
+        torch.manual_seed(0)
+        for name in names:
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, nn.Linear(shape[1], shape[0], bias=bias))
+
+
+def test_neutral_z_values_and_the_sigmoid_without_rescale_case():
+    assert SVFConfig().neutral_z() == 0.1
+    assert SVFConfig(z_init=0.3).neutral_z() == 0.3
+    assert SVFConfig(mask="identity").neutral_z() == 1.0
+    assert SVFConfig(mask="identity", norm_preserving=False).neutral_z() == 1.0
+    config = SVFConfig(norm_preserving=False, max_mult=3.0)
+    z = torch.tensor(config.neutral_z())
+    assert math.isclose(float(config.multiplier(z)), 1.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="needs max_mult > 1"):
+        SVFConfig(norm_preserving=False, max_mult=1.0).neutral_z()
+    with pytest.raises(ValueError, match="mask='tanh' is not supported"):
+        SVFConfig(mask="tanh")
+    assert SVFConfig(target_modules="down_proj").target_modules == ["down_proj"]
+    assert "svd_cache_dir" not in svf_config_dict(SVFConfig(svd_cache_dir="/x"))
+
+
+def test_presets_cover_other_families_names_and_never_pick_output_heads():
+    names = ["blocks.0.feed_forward.w1", "blocks.0.ffn.w2", "blocks.0.attention.q", "blocks.0.self_attention.k",
+             "blocks.0.attn.v", "blocks.0.other.o_proj", "head.score", "head.embed_out", "lm_head"]
+    model = _Named(names)
+    assert find_target_layers(model, "mlp") == names[:2]
+    assert find_target_layers(model, "attn") == names[2:5]
+    assert find_target_layers(model, "all-linear") == names[:6]
+    assert find_target_layers(model, ["o_proj"]) == ["blocks.0.other.o_proj"]
+    assert find_target_layers(model, ["re:^blocks\\.0\\.ffn"]) == ["blocks.0.ffn.w2"]
+    with pytest.raises(ValueError, match="matched no linear layer of _Named"):
+        find_target_layers(model, ["nothing"])
+
+
+def test_fingerprints_follow_weights_class_and_chosen_layers():
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    swapped = w.clone().reshape(-1)
+    swapped[1], swapped[3] = swapped[3].item(), swapped[1].item()  # same sum, odd positions differ
+    assert weight_fingerprint(w) != weight_fingerprint(swapped.reshape(3, 4))
+    big = torch.randn(3 * 65536 + 5)
+    assert len(weight_fingerprint(big)) == 32 and weight_fingerprint(big) == weight_fingerprint(big.clone())
+    model = _Named(["a", "b"])
+    fp = model_fingerprint(model)
+    assert len(fp) == 32
+
+    class Other(_Named):
+        pass
+
+    assert model_fingerprint(Other(["a", "b"])) != fp  # same weights, other class
+    only_a = model_fingerprint(model, ["a"])
+    with torch.no_grad():
+        model.b.weight.add_(1.0)
+    assert model_fingerprint(model, ["a"]) == only_a
+    with torch.no_grad():
+        model.a.weight.add_(1.0)
+    assert model_fingerprint(model, ["a"]) != only_a
+    fresh = _Named(["a", "b"])
+    before = model_fingerprint(fresh)
+    assert apply_svf(fresh, SVFConfig(target_modules="all-linear", svd_cache_dir=""),
+                     progress=False).base_fingerprint == before
+
+
+def test_default_svd_cache_dir_follows_env_and_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("T2EDIT_CACHE", str(tmp_path / "c"))
+    assert default_svd_cache_dir() == tmp_path / "c" / "svd"
+    monkeypatch.delenv("T2EDIT_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_svd_cache_dir() == tmp_path / "home" / ".cache" / "t2edit" / "svd"
+
+
+def test_disabled_cache_writes_nothing_and_keeps_factor_dtype(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("T2EDIT_CACHE", str(tmp_path / "default"))
+    cache = SVDCache("")
+    assert cache.directory is None
+    w = torch.randn(6, 4)
+    U, s, Vh = cache.get("x", w, torch.float64)
+    assert U.dtype == s.dtype == Vh.dtype == torch.float64
+    assert torch.allclose((U * s) @ Vh, w.double(), atol=1e-5)
+    assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_svd_cache_keeps_dtypes_and_layer_names_apart(tmp_path):
+    cache = SVDCache(tmp_path)
+    w = torch.randn(6, 4)
+    for _ in range(2):
+        for layer in ("A1", "B1", "a1", "b1", "x/y:z"):
+            for dtype in (torch.float32, torch.float64):
+                assert cache.get(layer, w, dtype)[1].dtype == dtype
+    assert cache.hits == 10 and not cache.rebuilt
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 10 and all(p.is_file() for p in tmp_path.iterdir())
+    assert any(name.endswith("-x_y_z-float64.safetensors") for name in files)
+
+
+def _tampered_cache(tmp_path, weight, change):
+    """A cache file for `weight` with correct metadata whose factors were altered by `change`."""
+    cache = SVDCache(tmp_path)
+    factors = list(cache.get("w", weight, torch.float32))
+    path = cache.path(weight_fingerprint(weight), "w", torch.float32)
+    cache._write(path, change(factors), weight_fingerprint(weight), "w")
+    fresh = SVDCache(tmp_path)
+    fresh.get("w", weight, torch.float32)
+    return fresh
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda f: [f[0][:, :-1], f[1], f[2]], "shape/dtype mismatch"),
+    (lambda f: [f[0], f[1][:-1], f[2]], "shape/dtype mismatch"),
+    (lambda f: [f[0], f[1], f[2][:, :-1]], "shape/dtype mismatch"),
+    (lambda f: [f[0].double(), f[1], f[2]], "shape/dtype mismatch"),
+    (lambda f: [f[0], f[1] * float("nan"), f[2]], "does not reconstruct the weight"),
+    (lambda f: [f[0], f[1] * 1.01, f[2]], "does not reconstruct the weight"),
+])
+def test_svd_cache_rejects_bad_factors_with_the_reason(tmp_path, change, problem):
+    fresh = _tampered_cache(tmp_path, torch.randn(6, 4), change)
+    assert fresh.hits == 0 and len(fresh.rebuilt) == 1 and problem in fresh.rebuilt[0]
+
+
+def test_svd_cache_tolerance_is_relative_to_the_weight_scale(tmp_path):
+    # A 1% error is caught on a tiny-scale weight, and a correct file of a large-scale weight is trusted.
+    small = _tampered_cache(tmp_path / "s", torch.randn(6, 4) * 1e-4, lambda f: [f[0], f[1] * 1.01, f[2]])
+    assert small.hits == 0 and "does not reconstruct" in small.rebuilt[0]
+    large = _tampered_cache(tmp_path / "l", torch.randn(64, 48) * 1e3, lambda f: f)
+    assert large.hits == 1 and not large.rebuilt
+
+
+def test_svd_cache_names_the_problem_of_each_rebuilt_file(tmp_path):
+    weight = torch.randn(6, 4)
+    cache = SVDCache(tmp_path)
+    cache.get("w", weight, torch.float32)
+    path = cache.path(weight_fingerprint(weight), "w", torch.float32)
+    path.write_bytes(path.read_bytes()[:50])
+    fresh = SVDCache(tmp_path)
+    fresh.get("w", weight, torch.float32)
+    assert "unreadable: " in fresh.rebuilt[0] and "NoneType" not in fresh.rebuilt[0]
+    factors = cache.get("w", weight, torch.float32)
+    cache._write(path, factors, weight_fingerprint(weight), "other-layer")
+    fresh = SVDCache(tmp_path)
+    fresh.get("w", weight, torch.float32)
+    assert "metadata mismatch" in fresh.rebuilt[0]
+
+
+def test_svf_state_dict_holds_no_factors_and_z_is_float32_with_noise_around_init():
+    model = _Named(["a"], shape=(40, 30))
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", svd_cache_dir="", factor_dtype="float64",
+                                     z_init=0.5, z_init_noise=0.01), progress=False)
+    keys = list(svf.state_dict())
+    assert not any(k.endswith((".U", ".s", ".Vh")) for k in keys), keys
+    z = svf.base_model.a.z
+    assert z.dtype == torch.float32
+    assert (z - 0.5).abs().max() < 0.1 and z.std() > 0
+    assert svf.num_trainable() == 30
+
+
+def test_singular_values_for_a_batch_of_z_rows_match_row_by_row():
+    svf = apply_svf(_Named(["a"]), SVFConfig(target_modules="all-linear", svd_cache_dir=""), progress=False)
+    layer = svf.base_model.a
+    z = torch.randn(3, layer.rank)
+    batch = layer.singular_values_for(z)
+    for row in range(3):
+        assert torch.allclose(batch[row], layer.singular_values_for(z[row]), atol=1e-6)
+        assert torch.isclose(batch[row].sum(), layer.s.sum())
+
+
+def test_rows_planned_gives_each_row_its_own_singular_values_with_bias():
+    model = _Named(["a"], bias=True)
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", mask="identity", svd_cache_dir=""),
+                    progress=False)
+    layer = svf.base_model.a
+    x = torch.randn(2, 3, 4)
+    z_rows = torch.stack([torch.full((layer.rank,), 1.0), torch.linspace(0.2, 2.0, layer.rank)])
+    sigma_rows = layer.singular_values_for(z_rows)
+    seen = []
+
+    def plan(the_layer, inputs):
+        seen.append(the_layer)
+        return the_layer.forward_row_sigma(inputs, sigma_rows)
+
+    with torch.no_grad(), rows_planned(svf, plan):
+        out = svf.base_model.a(x)
+    assert seen == [layer]
+    with torch.no_grad():
+        expected0 = layer.base_layer(x[0])
+        svf.set_z({"a": z_rows[1]})
+        expected1 = layer(x[1])
+    assert torch.allclose(out[0], expected0, atol=1e-5)
+    assert torch.allclose(out[1], expected1, atol=1e-5)
+    assert layer.row_plan is None
+
+
+def test_no_grad_forward_adds_the_bias_and_positional_args_reach_the_model():
+    model = _Named(["a"], bias=True)
+    x = torch.randn(2, 4)
+    base = model.a(x).detach()
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", svd_cache_dir=""), progress=False)
+    with torch.no_grad():
+        assert torch.allclose(svf.base_model.a(x), base, atol=1e-5)
+
+
+def test_autocast_forward_uses_a_cast_copy_of_the_edited_weight_made_once_per_z():
+    model = _Named(["a"], shape=(8, 8))
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", mask="identity", norm_preserving=False,
+                                     svd_cache_dir=""), progress=False)
+    svf.reset_z()
+    layer = svf.base_model.a
+    x = torch.randn(2, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer.compute_weight(x)
+        assert first.dtype == torch.bfloat16 and layer.compute_weight(x) is first
+        base = layer.base_layer(x)
+        assert torch.equal(layer(x), base)
+        layer.z.mul_(2.0)
+        second = layer.compute_weight(x)
+        assert second is not first and torch.allclose(second.float(), 2 * first.float(), rtol=1e-2)
+    assert layer.compute_weight(x).dtype == torch.float32
+
+
+def test_bf16_base_layer_gives_a_bf16_merged_weight():
+    model = _Named(["a"]).to(torch.bfloat16)
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", svd_cache_dir=""), progress=False)
+    svf.reset_z()
+    merged = svf.base_model.a.merged_weight()
+    assert merged.dtype == torch.bfloat16
+
+
+def test_apply_svf_twice_is_refused_with_the_fix(tiny_tokenizer):
+    svf = apply_svf(_Named(["a"]), SVFConfig(target_modules="all-linear", svd_cache_dir=""), progress=False)
+    with pytest.raises(ValueError, match=r"already has SVF layers; call \.unload\(\) first"):
+        apply_svf(svf)
+
+
+def test_svf_model_passes_positional_arguments_through(tiny_tokenizer, tiny_texts):
+    model = build_tiny_model(tiny_tokenizer)
+    ids = tiny_tokenizer(tiny_texts[:1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(ids).logits
+    svf = apply_svf(model, SVFConfig(svd_cache_dir=""), progress=False)
+    with torch.no_grad():
+        assert torch.allclose(svf(ids).logits, base, atol=1e-4)
+        generated = svf.generate(ids, max_new_tokens=2, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 2
