@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import trange
 
 from t2edit.data.records import EditRecord
+from t2edit.precision import autocast_context  # torch only: the SVF training stack stays unimported
 
 
 class EditInputError(ValueError):
@@ -136,8 +137,6 @@ def train_on_targets(model: torch.nn.Module, parameters: list[torch.nn.Parameter
     training ends after the first step whose mean loss is below it. `precision` "bf16" runs the forward and
     backward under bfloat16 autocast (the trained parameters stay float32); "auto" does so where it is fast.
     `after_step()` runs after every optimizer step (FT-M's norm constraint)."""
-    # Lazy: t2edit.baselines must not pull in the SVF training stack at import (test_registry_imports_svf_lazily).
-    from t2edit.training.objective import autocast_context
 
     flags = requires_grad_snapshot(model)
     was_training = model.training
