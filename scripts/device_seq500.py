@@ -94,8 +94,16 @@ def main(argv=None) -> int:
         # On a GPU a whole batch is one microbatch (the per-microbatch launches, not the padding, cost time there).
         config = WorldConfig(steps=args.world_steps,
                              tokens_per_microbatch=1 << 16 if device.startswith("cuda") else 512)
-        world = build_world(args.data, work / "world", limit=args.records, config=config, device=device,
-                            progress=False)
+        try:
+            world = build_world(args.data, work / "world", limit=args.records, config=config, device=device,
+                                progress=False)
+        except Exception:  # noqa: BLE001 - the prefetching worker is the one part never run on this machine
+            if not device.startswith("cuda"):
+                raise
+            log(f"world build with prefetched steps failed, again without:\n{traceback.format_exc()}", started)
+            timings["world_prefetch_failed"] = traceback.format_exc().strip().splitlines()[-1]
+            world = build_world(args.data, work / "world", limit=args.records, config=config, device=device,
+                                progress=False, prefetch=False, force=True)
         shutil.copy(work / "world" / "world.json", out / "world.json")
         print(format_report(world.report), flush=True)
         recall = world.report["pre_edit_recall"]
@@ -124,10 +132,24 @@ def main(argv=None) -> int:
         phase = time.perf_counter()
         log(f"training {n} single-edit experts in {workers} CPU processes; scoring at {sizes} on {device}",
             started)
-        curve = run_sequential(setup, str(out), routers=[r.strip() for r in args.routers.split(",")],
-                               sizes=sizes, workers=workers,
-                               batch_size=args.batch_size or (256 if device.startswith("cuda") else 64),
-                               deadline=started + args.budget, experts_dir=work / "experts", progress=False)
+        routers = [r.strip() for r in args.routers.split(",")]
+        try:
+            curve = run_sequential(setup, str(out), routers=routers, sizes=sizes, workers=workers,
+                                   batch_size=args.batch_size or (256 if device.startswith("cuda") else 64),
+                                   deadline=started + args.budget, experts_dir=work / "experts", progress=False)
+        except Exception:  # noqa: BLE001
+            if not device.startswith("cuda"):
+                raise
+            # Scoring many experts on a GPU has not run before this script: rather than lose the run, score on
+            # the CPU (the experts already trained are kept and reused).
+            (out / "error-gpu.txt").write_text(traceback.format_exc())
+            timings["gpu_scoring_failed"] = traceback.format_exc().strip().splitlines()[-1]
+            log(f"scoring on the GPU failed, going on on the CPU:\n{traceback.format_exc()}", started)
+            setup.model.to("cpu")
+            torch.set_num_threads(2)
+            curve = run_sequential(setup, str(out), routers=routers, sizes=sizes, workers=max(1, workers - 1),
+                                   batch_size=64, deadline=started + args.budget, experts_dir=work / "experts",
+                                   progress=False)
         timings["points_scored"] = sorted({row["edits"] for row in curve})
         timings["experts_on_disk"] = sum(1 for _ in (work / "experts").glob("expert-*/expert/expert_config.json"))
         phase_done("sequential_seconds", phase)

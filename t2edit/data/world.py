@@ -658,11 +658,12 @@ def _install(built: Path, out_dir: Path):
 def build_world(data: str | os.PathLike = BUILTIN, out_dir: str | os.PathLike | None = None, *,
                 limit: int | None = None, config: WorldConfig | None = None, seed: int = 0,
                 progress: bool = True, force: bool = False, skip_bad: bool = False,
-                device: str | torch.device | None = None) -> World:
+                device: str | torch.device | None = None, prefetch: bool | None = None) -> World:
     """Pretrain a world model on the facts of `data` (a KnowEdit-format file, or "builtin") and save it to
     `out_dir` (default: the cache, ~/.cache/t2edit/worlds/<key>). Returns the saved world at once if `out_dir`
     already holds one built from the same data, config, seed and limit, unless `force`. `device`: where to
-    pretrain and measure (default: the CPU); the world is saved and returned on the CPU either way."""
+    pretrain and measure (default: the CPU); the world is saved and returned on the CPU either way. `prefetch`:
+    prepare the steps in a worker process (default: on a GPU; see `pretrain`)."""
     config = config or WorldConfig()
     path = _resolve_data(data)
     data_sha256 = _sha256(path)
@@ -688,7 +689,8 @@ def build_world(data: str | os.PathLike = BUILTIN, out_dir: str | os.PathLike | 
     torch.manual_seed(seed)
     model.to(device or "cpu")
     train_started = time.perf_counter()
-    losses = pretrain(model, tokenizer, _PreparedSteps(tokenizer, fact_set, trained, seed), trained, progress)
+    losses = pretrain(model, tokenizer, _PreparedSteps(tokenizer, fact_set, trained, seed), trained, progress,
+                      prefetch=prefetch)
     train_seconds = time.perf_counter() - train_started
 
     groups = defaultdict(int)
