@@ -120,7 +120,11 @@ def main(argv=None) -> int:
 
         phase = time.perf_counter()
         setup = load_setup(str(work / "world"), args.data, 0, args.edits, progress=False)
+        from t2edit.svf import model_fingerprint
+
+        on_cpu = model_fingerprint(setup.model)  # what the CPU workers' experts will carry
         setup.model.to(device)
+        timings["fingerprint_same_on_device"] = model_fingerprint(setup.model) == on_cpu
         if device.startswith("cuda"):
             # The main process feeds the GPU and routes; the cores belong to the training workers.
             torch.set_num_threads(1)

@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from t2edit.data.world import build_world
 from t2edit.evaluation.composition import run_sequential, split_records, trained_experts
@@ -70,3 +71,20 @@ def test_experts_trained_in_worker_processes_fit_the_main_model(world_dir, tmp_p
             assert expert.info["edits"][0]["prompt"] == chunk[0].prompt  # each worker trained its own chunk
     finally:
         svf.unload()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+def test_weight_fingerprint_is_the_same_on_the_gpu_and_on_the_cpu():
+    """Experts trained by one-thread CPU workers are applied to the same weights on a GPU: the fingerprint that
+    checks they belong together must not depend on where, or with how many threads, it is computed."""
+    from t2edit.svf import weight_fingerprint
+
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0))
+    on_cpu = weight_fingerprint(weight)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        assert weight_fingerprint(weight.clone()) == on_cpu
+    finally:
+        torch.set_num_threads(threads)
+    assert weight_fingerprint(weight.cuda()) == on_cpu
