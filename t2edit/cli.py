@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--limit", type=int, default=None, help="use the first N records")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached world matches")
     build.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
+    build.add_argument("--device", default=None, help="where to pretrain: cpu (default) or cuda")
 
     train = sub.add_parser("train", help="train one SVF expert (same as scripts/train_rl.py)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER)
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "(1: one expert for all; N or 0: one expert per edit), e.g. 1,4,16,0")
     evaluate.add_argument("--sequential", action="store_true",
                           help="add single-edit experts one at a time; curve of ES / Loc / Port (sequential.png)")
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="--sequential: train the single-edit experts in this many CPU processes")
     evaluate.add_argument("--routers", default=None,
                           help="routers for --composition / --sequential (default: all / scope,embedding)")
 
@@ -122,7 +125,7 @@ def _eval_many_experts(args):
             raise ValueError(f"--composition {args.composition!r}: give numbers of experts, e.g. 1,4,16,0") from None
         run_composition(setup, ks, args.out, routers=routers or ROW_ROUTERS)
     if args.sequential:
-        run_sequential(setup, args.out, routers=routers or ("scope", "embedding"))
+        run_sequential(setup, args.out, routers=routers or ("scope", "embedding"), workers=args.workers)
 
 
 def _world_build(args):
@@ -130,7 +133,8 @@ def _world_build(args):
 
     from t2edit.data.world import build_world
 
-    world = build_world(args.data, args.out, limit=args.limit, force=args.force, skip_bad=args.skip_bad)
+    world = build_world(args.data, args.out, limit=args.limit, force=args.force, skip_bad=args.skip_bad,
+                        device=args.device)
     report = world.report
     print(f"world: {world.path}")
     print(f"records: {report.get('records')}  facts: {report.get('facts')}  parameters: {report.get('parameters')}")

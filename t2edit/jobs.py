@@ -26,6 +26,7 @@ class EditingSetup:
     extra_neighbour_prompts: list[str]  # a world's other facts
     model_name: str
     world_report: dict | None = None
+    spec: dict | None = None  # load_setup's arguments: how another process loads this same setup
 
 
 def is_world_dir(path) -> bool:
@@ -72,7 +73,10 @@ def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None
         edited = {r.prompt for r in edits}
         others = [r for r in load_records(train_data) if r.prompt not in edited]
     net.eval()
-    return EditingSetup(net, tokenizer, edits, others, extra, name, report)
+    # A world is reloaded from its directory (built once, here), whatever `model` named.
+    spec = {"model": str(world.path) if world is not None and world.path else model, "data": data, "start": start,
+            "n_edits": n_edits, "world_preset": world_preset, "train_data": train_data}
+    return EditingSetup(net, tokenizer, edits, others, extra, name, report, spec)
 
 
 def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,

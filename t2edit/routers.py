@@ -100,18 +100,26 @@ class EmbeddingRouter(ExpertRouter):
             raise ValueError(f"expert(s) {missing[:3]} have no router keys (mixtures, or trained by an older t2edit); "
                              f"use --router scope / classifier, or retrain them")
         self.keys = [e.router.keys.float() for e in model.experts]
+        # All experts' keys in one matrix and the expert each row belongs to: one matmul per batch, whatever K.
+        self.all_keys = torch.cat(self.keys)
+        self.key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(self.keys)])
         self.thresholds = torch.tensor([e.router.threshold for e in model.experts])
         if negatives:
             states = F.normalize(torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer,
                                                                                       list(negatives))]), dim=-1)
-            closest = torch.stack([(states @ keys.T).max() for keys in self.keys])
+            closest = self._per_expert_max(states @ self.all_keys.T).max(0).values
             self.thresholds = torch.maximum(self.thresholds, (closest + self.margin * (1 - closest)).clamp(
                 max=1 - 1e-4))
         return self
 
+    def _per_expert_max(self, sims: torch.Tensor) -> torch.Tensor:
+        """[rows, all keys] → [rows, K]: each expert's highest similarity among its own keys."""
+        out = torch.full((sims.shape[0], len(self.keys)), -math.inf)
+        return out.scatter_reduce(1, self.key_owner.expand(sims.shape[0], -1), sims, "amax")
+
     def similarities(self, batch) -> torch.Tensor:
         states = F.normalize(batch.last_state.float(), dim=-1).cpu()
-        return torch.stack([(states @ keys.T).max(-1).values for keys in self.keys], -1)
+        return self._per_expert_max(states @ self.all_keys.T)
 
     def weights(self, batch):
         sims = self.similarities(batch)
@@ -158,6 +166,7 @@ class ScopeRouter(ExpertRouter):
                                              for i in ids])
         self.owner = torch.tensor([k for k, _ in edits])
         self.subject_keys, self.relation_keys = [], []  # per edit: (vectors [n, d] unit norm, weights [n])
+        self._packed_cache = (None,)
         special = set(tokenizer.all_special_ids)
         for batch_edits in _chunks(edits, 64):
             prompts = [e["prompt"] for _, e in batch_edits]
@@ -187,22 +196,44 @@ class ScopeRouter(ExpertRouter):
             self.threshold = 0.8  # without negatives: a default; calibrate for real use
         return self
 
+    def _packed(self, device) -> tuple:
+        """Every edit's subject and relation keys padded into [edits, tokens, d] tensors with their weights
+        (0 on padding, so padding adds exactly nothing), on `device`: one einsum scores all K edits instead of
+        2K small ones per batch (what made routing cost grow with the number of experts)."""
+        if getattr(self, "_packed_cache", (None,))[0] != device:
+            parts = []
+            for keys in (self.subject_keys, self.relation_keys):
+                width = max([1] + [len(k) for k, _ in keys])
+                dim = next((k.shape[-1] for k, _ in keys if len(k)), 1)
+                vectors, weights = torch.zeros(len(keys), width, dim), torch.zeros(len(keys), width)
+                for e, (k, w) in enumerate(keys):
+                    vectors[e, :len(k)], weights[e, :len(k)] = k, w
+                empty = torch.tensor([len(k) == 0 for k, _ in keys])
+                parts.append((vectors.to(device), weights.to(device), empty.to(device)))
+            self._packed_cache = (device, parts)
+        return self._packed_cache[1]
+
     @staticmethod
-    def _recall(keys, weights, query, mask) -> torch.Tensor:
-        """Weighted share of key tokens matched in each query row: Σ w·max_j cos(key, q_j) / Σ w."""
-        if len(keys) == 0:
-            return torch.ones(query.shape[0])
-        sims = torch.einsum("kd,btd->bkt", keys, query).masked_fill(~mask[:, None, :], -1.0).max(-1).values
-        return (sims.clamp(min=0) * weights).sum(-1) / weights.sum()
+    def _recall_all(vectors, weights, empty, query, mask, max_elements: int = 1 << 25) -> torch.Tensor:
+        """Weighted share of each edit's key tokens matched in each query row, Σ w·max_j cos(key, q_j) / Σ w:
+        [batch, edits] (1 where an edit has no such tokens)."""
+        batch, length = query.shape[0], query.shape[1]
+        step = max(1, max_elements // max(1, batch * length * vectors.shape[1]))
+        out = []
+        for start in range(0, vectors.shape[0], step):
+            keys, w = vectors[start:start + step], weights[start:start + step]
+            sims = torch.einsum("eld,btd->belt", keys, query).masked_fill(~mask[:, None, None, :], -1.0)
+            recall = (sims.max(-1).values.clamp(min=0) * w).sum(-1) / w.sum(-1).clamp(min=1e-12)
+            out.append(torch.where(empty[start:start + step], torch.ones_like(recall), recall))
+        return torch.cat(out, -1)
 
     def _scores(self, batch: PromptBatch) -> torch.Tensor:
         """[batch, n_edits] of min(subject score, relation score)."""
-        query = F.normalize(batch.hidden_states[self.layer].float(), dim=-1).cpu()
-        mask = batch.prompt_mask().cpu()
-        columns = []
-        for (sk, sw), (rk, rw) in zip(self.subject_keys, self.relation_keys):
-            columns.append(torch.minimum(self._recall(sk, sw, query, mask), self._recall(rk, rw, query, mask)))
-        return torch.stack(columns, -1)
+        query = F.normalize(batch.hidden_states[self.layer].float(), dim=-1)
+        mask = batch.prompt_mask().to(query.device)
+        subject, relation = self._packed(query.device)
+        return torch.minimum(self._recall_all(*subject, query, mask),
+                             self._recall_all(*relation, query, mask)).cpu()
 
     def weights(self, batch):
         scores = self._scores(batch)

@@ -107,12 +107,17 @@ def find_target_layers(model: nn.Module, target_modules) -> list[str]:
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
-    """A cheap, stable fingerprint of a weight: shape, dtype, a strided sample of values and their sum."""
+    """A cheap, stable fingerprint of a weight: shape, dtype, a strided sample of values and their sum.
+
+    The sum is taken by numpy on a float64 copy on the host: its order of addition is then the same on every
+    device and thread count (a torch sum on a GPU, or split over CPU threads, may differ in the last bits, and an
+    expert trained in a one-thread CPU worker must match the same weights on a GPU)."""
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // 65536)
     sample = flat[::step].to("cpu", torch.float64)
+    total = float(flat.to("cpu", torch.float64).numpy().sum())
     digest = hashlib.sha256()
-    digest.update(f"{tuple(weight.shape)}|{weight.dtype}|{flat.double().sum().item():.10e}".encode())
+    digest.update(f"{tuple(weight.shape)}|{weight.dtype}|{total:.10e}".encode())
     digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:32]
 

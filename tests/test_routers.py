@@ -95,3 +95,51 @@ def test_prompt_router_returns_one_choice_per_prompt(adaptive_factory):
 def test_unknown_router_is_one_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         get_router("nearest")
+
+
+def _per_edit_recall(keys, weights, query, mask):
+    """The scope score's definition for one edit: Σ w·max_j cos(key, q_j) / Σ w over its tokens (1 if none)."""
+    if len(keys) == 0:
+        return torch.ones(query.shape[0])
+    sims = torch.einsum("kd,btd->bkt", keys, query).masked_fill(~mask[:, None, :], -1.0).max(-1).values
+    return (sims.clamp(min=0) * weights).sum(-1) / weights.sum()
+
+
+def test_scope_router_scores_all_edits_at_once_as_each_edit_alone(adaptive_factory):
+    """The scores of K edits come from one padded einsum; each must equal that edit's own definition, whatever
+    the other edits' token counts (padding adds nothing) and for an edit with no relation tokens at all."""
+    from t2edit.routers import encode
+
+    make, tokenizer = adaptive_factory
+    router = make(get_router("scope")).router
+    dim = router.subject_keys[0][0].shape[-1]
+    (s0, w0), (s1, w1) = router.subject_keys[:2]
+    router.subject_keys += [router.subject_keys[0], (torch.cat([s0, s1]), torch.cat([w0, w1]))]  # a longer one
+    router.relation_keys += [(torch.zeros(0, dim), torch.zeros(0)), router.relation_keys[1]]  # and an empty one
+    router.owner = torch.cat([router.owner, router.owner[:2]])
+    router._packed_cache = (None,)
+    model = make(get_router("uniform"))
+    prompts = ["The spouse of Piet L. Zelmere is", "The occupation of Vesna Corwick is"] + NEGATIVES
+    for batch in encode(model, tokenizer, prompts, batch_size=4):
+        query = torch.nn.functional.normalize(batch.hidden_states[router.layer].float(), dim=-1)
+        mask = batch.prompt_mask()
+        expected = torch.stack([torch.minimum(_per_edit_recall(*s, query, mask), _per_edit_recall(*r, query, mask))
+                                for s, r in zip(router.subject_keys, router.relation_keys)], -1)
+        assert torch.allclose(router._scores(batch), expected, atol=1e-5)
+    assert len({len(k) for k, _ in router.subject_keys}) > 1  # edits of different lengths were padded together
+
+
+def test_embedding_router_takes_each_experts_nearest_key(adaptive_factory):
+    """An expert with several keys: its similarity is the best of its own keys, never another expert's."""
+    from t2edit.routers import encode
+
+    make, tokenizer = adaptive_factory
+    model = make(get_router("uniform"))
+    first, second = model.experts[0].router, model.experts[1].router
+    first.keys = torch.cat([first.keys, torch.nn.functional.normalize(torch.randn_like(first.keys), dim=-1)])
+    router = get_router("embedding").fit(model, tokenizer, NEGATIVES)
+    for batch in encode(model, tokenizer, [EDITS[0].prompt, EDITS[1].prompt] + NEGATIVES):
+        states = torch.nn.functional.normalize(batch.last_state.float(), dim=-1)
+        expected = torch.stack([(states @ first.keys.T).max(-1).values, (states @ second.keys.T).max(-1).values], -1)
+        assert torch.allclose(router.similarities(batch), expected, atol=1e-6)
+        assert router.weights(batch)[:2].argmax(-1).tolist() == [0, 1]

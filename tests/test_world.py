@@ -365,3 +365,24 @@ def test_too_few_facts_for_in_context_training_is_a_clear_error(tmp_path):
     config = replace(NO_TRAINING, synthetic_targets=False)
     with pytest.raises(WorldError, match="in-context examples"):
         build_world(data, tmp_path / "w", config=config, progress=False)
+
+
+def test_prefetched_pretraining_trains_on_the_same_batches(tmp_path):
+    """On a GPU the steps are prepared in a DataLoader worker; the model must see exactly the batches the in-process
+    path gives (same losses step by step from the same start), or GPU-built worlds would follow another recipe."""
+    from dataclasses import replace
+
+    from t2edit.data.world import _PreparedSteps, pretrain, vocabulary_texts
+    from t2edit.tiny import build_tiny_model, build_tiny_tokenizer
+
+    records = load_records(write_records(tmp_path / "people.json", hand_made_records()))
+    fact_set = world_facts(records)
+    config = replace(NO_TRAINING, steps=4, tokens_per_microbatch=64)  # several microbatches per step
+    tokenizer = build_tiny_tokenizer(vocabulary_texts(records, fact_set))
+    losses = {}
+    for prefetch in (False, True):
+        model = build_tiny_model(tokenizer, hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, seed=0)
+        losses[prefetch] = pretrain(model, tokenizer, _PreparedSteps(tokenizer, fact_set, config, 0), config,
+                                    progress=False, prefetch=prefetch)
+    assert len(losses[True]) == 4 and losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert len(set(losses[False])) > 1  # really different batches, not one repeated

@@ -404,9 +404,9 @@ def _microbatches(encoded: list[tuple[list[int], list[int]]], tokens_per_microba
         yield [encoded[j] for j in piece]
 
 
-def _loss_sums(model, items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[int, torch.Tensor]:
-    """Summed cross-entropy of the ANSWER tokens and of the ECHO tokens. Right padding, so every sequence
-    starts at position 0."""
+def _batch_tensors(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """input_ids, roles and attention_mask of one microbatch. Right padding, so every sequence starts at
+    position 0."""
     width = max(len(ids) for ids, _ in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     roles = torch.zeros((len(items), width), dtype=torch.long)
@@ -415,16 +415,57 @@ def _loss_sums(model, items: list[tuple[list[int], list[int]]], pad_id: int) -> 
         input_ids[row, : len(ids)] = torch.tensor(ids)
         roles[row, : len(ids)] = torch.tensor(token_roles)
         attention_mask[row, : len(ids)] = 1
+    return input_ids, roles, attention_mask
+
+
+def _loss_sums(model, tensors: tuple[torch.Tensor, ...]) -> dict[int, torch.Tensor]:
+    """Summed cross-entropy of the ANSWER tokens and of the ECHO tokens of one microbatch, on the model's device
+    (masked sums, not boolean indexing: indexing would make the GPU wait for the host at every microbatch)."""
+    device = next(model.parameters()).device
+    input_ids, roles, attention_mask = (t.to(device, non_blocking=True) for t in tensors)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1),
                                  reduction="none")
     roles = roles[:, 1:].reshape(-1)
-    return {role: token_loss[roles == role].sum() for role in (ANSWER, ECHO)}
+    return {role: torch.where(roles == role, token_loss, 0.0).sum() for role in (ANSWER, ECHO)}
 
 
-def pretrain(model, tokenizer, batches: Iterator[list[Example]], config: WorldConfig,
-             progress: bool = True) -> list[float]:
-    """AdamW with linear warm-up and cosine decay to 10%; returns the mean answer loss per step."""
+def prepared_batches(tokenizer, batches: Iterator[list[Example]], config: WorldConfig):
+    """Each step's token counts per role and its microbatches as tensors: the host-side work of a step."""
+    for batch in batches:
+        encoded = _encode(tokenizer, batch)
+        counts = {role: max(1, sum(r.count(role) for _, r in encoded)) for role in (ANSWER, ECHO)}
+        yield counts, [_batch_tensors(piece, tokenizer.pad_token_id)
+                       for piece in _microbatches(encoded, config.tokens_per_microbatch)]
+
+
+class _PreparedSteps(torch.utils.data.IterableDataset):
+    """`prepared_batches` of a fact set, rebuilt inside a DataLoader worker (deterministic: one worker)."""
+
+    def __init__(self, tokenizer, fact_set: FactSet, config: WorldConfig, seed: int):
+        self.tokenizer, self.fact_set, self.config, self.seed = tokenizer, fact_set, config, seed
+
+    def __iter__(self):
+        return prepared_batches(self.tokenizer, training_batches(self.fact_set, self.config, self.seed), self.config)
+
+
+def _steps(tokenizer, batches, config: WorldConfig, prefetch: bool):
+    """The prepared steps; with `prefetch` (a `_PreparedSteps` only) from a background worker process, so that
+    sampling and tokenizing the next steps overlap the current one on a GPU (on a CPU they would only compete with
+    it for the cores)."""
+    if not isinstance(batches, _PreparedSteps):
+        return prepared_batches(tokenizer, batches, config)
+    if prefetch:
+        return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=16,
+                                           pin_memory=torch.cuda.is_available())
+    return iter(batches)
+
+
+def pretrain(model, tokenizer, batches, config: WorldConfig, progress: bool = True,
+             prefetch: bool | None = None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay to 10%; returns the mean answer loss per step. Trains on the
+    model's device; `batches` are lists of Examples, or a `_PreparedSteps` (prefetched in a worker process when
+    `prefetch`; default: on a GPU)."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -437,27 +478,29 @@ def pretrain(model, tokenizer, batches: Iterator[list[Example]], config: WorldCo
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
-    losses = []
-    bar = tqdm(batches, total=config.steps, desc="pretraining world", disable=not progress)
-    for batch in bar:
-        encoded = _encode(tokenizer, batch)
-        counts = {role: max(1, sum(r.count(role) for _, r in encoded)) for role in (ANSWER, ECHO)}
+    if prefetch is None:
+        prefetch = next(model.parameters()).device.type == "cuda"
+    losses: list[torch.Tensor] = []  # on the device; read back every 25 steps, not every step
+    bar = tqdm(_steps(tokenizer, batches, config, prefetch), total=config.steps, desc="pretraining world",
+               disable=not progress)
+    for counts, pieces in bar:
         optimizer.zero_grad(set_to_none=True)
         answer_loss = 0.0
-        for piece in _microbatches(encoded, config.tokens_per_microbatch):
-            sums = _loss_sums(model, piece, tokenizer.pad_token_id)
+        for piece in pieces:
+            sums = _loss_sums(model, piece)
             loss = sums[ANSWER] / counts[ANSWER]
             if config.echo_loss_weight:
                 loss = loss + config.echo_loss_weight * sums[ECHO] / counts[ECHO]
             loss.backward()
-            answer_loss += sums[ANSWER].item() / counts[ANSWER]
+            answer_loss = answer_loss + sums[ANSWER].detach() / counts[ANSWER]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(answer_loss)
         if len(losses) % 25 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / 25:.3f}")
+            bar.set_postfix(loss=f"{torch.stack(losses[-25:]).mean().item():.3f}")
     model.eval()
+    losses = torch.stack(losses).float().cpu().tolist() if losses else []
     return losses
 
 
@@ -614,10 +657,13 @@ def _install(built: Path, out_dir: Path):
 
 def build_world(data: str | os.PathLike = BUILTIN, out_dir: str | os.PathLike | None = None, *,
                 limit: int | None = None, config: WorldConfig | None = None, seed: int = 0,
-                progress: bool = True, force: bool = False, skip_bad: bool = False) -> World:
+                progress: bool = True, force: bool = False, skip_bad: bool = False,
+                device: str | torch.device | None = None, prefetch: bool | None = None) -> World:
     """Pretrain a world model on the facts of `data` (a KnowEdit-format file, or "builtin") and save it to
     `out_dir` (default: the cache, ~/.cache/t2edit/worlds/<key>). Returns the saved world at once if `out_dir`
-    already holds one built from the same data, config, seed and limit, unless `force`."""
+    already holds one built from the same data, config, seed and limit, unless `force`. `device`: where to
+    pretrain and measure (default: the CPU); the world is saved and returned on the CPU either way. `prefetch`:
+    prepare the steps in a worker process (default: on a GPU; see `pretrain`)."""
     config = config or WorldConfig()
     path = _resolve_data(data)
     data_sha256 = _sha256(path)
@@ -641,8 +687,10 @@ def build_world(data: str | os.PathLike = BUILTIN, out_dir: str | os.PathLike | 
                              num_layers=config.num_layers, intermediate_size=config.intermediate_size,
                              num_heads=config.num_heads, seed=seed)
     torch.manual_seed(seed)
+    model.to(device or "cpu")
     train_started = time.perf_counter()
-    losses = pretrain(model, tokenizer, training_batches(fact_set, trained, seed), trained, progress)
+    losses = pretrain(model, tokenizer, _PreparedSteps(tokenizer, fact_set, trained, seed), trained, progress,
+                      prefetch=prefetch)
     train_seconds = time.perf_counter() - train_started
 
     groups = defaultdict(int)
@@ -663,6 +711,8 @@ def build_world(data: str | os.PathLike = BUILTIN, out_dir: str | os.PathLike | 
     # CPU time as well: on a shared machine wall time says more about the neighbours than about the build.
     report["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
     report["torch_threads"] = torch.get_num_threads()
+    report["device"] = str(next(model.parameters()).device)
+    model.cpu()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -717,6 +767,7 @@ def world_cli(argv: list[str] | None = None) -> int:
     build.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
     build.add_argument("--force", action="store_true", help="rebuild even if out holds this world")
     build.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
+    build.add_argument("--device", default=None, help="where to pretrain: cpu (default) or cuda")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     show = commands.add_parser("show", help="print the report of a built world")
     show.add_argument("dir")
@@ -729,7 +780,8 @@ def world_cli(argv: list[str] | None = None) -> int:
             if args.steps is not None:
                 config.steps = args.steps
             world = build_world(args.data, args.out, limit=args.limit, config=config, seed=args.seed,
-                                progress=not args.quiet, force=args.force, skip_bad=args.skip_bad)
+                                progress=not args.quiet, force=args.force, skip_bad=args.skip_bad,
+                                device=args.device)
             report = world.report
             print(f"saved to {world.path}")
     except (WorldError, WorldNotFoundError, DataFormatError, DataSourceNotFoundError) as error:

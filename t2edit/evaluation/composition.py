@@ -37,42 +37,43 @@ def split_records(records: Sequence[EditRecord], k: int) -> list[list[EditRecord
 
 def template_prompts(records: Sequence[EditRecord], blocked: set[str], limit: int = 400, seed: int = 0) -> list[str]:
     """Other questions nobody scores: the edit prompts' relation templates asked about every entity the records
-    name (subjects, old and new objects), minus the blocked prompts; a seeded sample of `limit`. When every
-    fact of a world is some record's scored prompt (the built-in world with all records edited), these are the
-    prompts left for locality training and router calibration."""
+    name (subjects, old and new objects), minus the blocked prompts (as `t2edit.leakage.prompt_key`s); a seeded
+    sample of `limit`. When every fact of a world is some record's scored prompt (the built-in world with all
+    records edited), these are the prompts left for locality training and router calibration."""
     import random
 
-    from t2edit.training.pools import SUBJECT_SLOT, relation_templates
+    from t2edit.leakage import SUBJECT_SLOT, prompt_key, relation_templates
 
     stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in records]
     templates = sorted({t for ts in relation_templates(stripped, with_locality=False).values() for t in ts})
     entities = sorted({r.subject for r in records} | {a for r in records for a in r.target_new + r.ground_truth})
-    prompts = sorted({t.replace(SUBJECT_SLOT, e, 1) for t in templates for e in entities} - blocked)
+    prompts = sorted(p for p in {t.replace(SUBJECT_SLOT, e, 1) for t in templates for e in entities}
+                     if prompt_key(p) not in blocked)
     return random.Random(seed).sample(prompts, min(limit, len(prompts)))
 
 
 def training_pools(setup, edited: Sequence[EditRecord], chunk: Sequence[EditRecord]) -> tuple[list[str], list[str]]:
-    """Neighbour prompts and same-subject anchors for one expert, minus every prompt scored for any edited record."""
-    from t2edit.training import forbidden_prompts, neighbour_candidates, subject_neighbour_candidates
+    """Neighbour prompts and same-subject anchors for one expert (`t2edit.leakage.learning_pool` for the chunk),
+    minus every prompt scored for any edited record."""
+    from t2edit.leakage import learning_pool, prompt_key, scored_prompt_keys
 
-    blocked = forbidden_prompts(list(edited)) | {r.prompt for r in edited}
-    pool = [p for p in neighbour_candidates(list(edited), setup.other_records, setup.extra_neighbour_prompts)
-            if p not in blocked]
+    scored = scored_prompt_keys(list(edited))
     # Other edits lend their relation templates (edit prompts only: their scored prompts stay unseen).
+    in_chunk = {id(r) for r in chunk}
     stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in edited
-                if r not in chunk]
-    subject = [p for p in subject_neighbour_candidates(list(chunk), setup.other_records + stripped)
-               if p not in blocked]
-    return pool, subject
+                if id(r) not in in_chunk]
+    pool = learning_pool(list(chunk), list(setup.other_records) + stripped, setup.extra_neighbour_prompts)
+    return ([p for p in pool.neighbour_prompts if prompt_key(p) not in scored],
+            [p for p in pool.subject_prompts if prompt_key(p) not in scored])
 
 
 def negatives_for(setup, edited: Sequence[EditRecord]) -> list[str]:
     """What routers are fitted on besides the experts: other facts and the edited subjects asked about other
     relations (training-side prompts only)."""
-    from t2edit.training import forbidden_prompts
+    from t2edit.leakage import prompt_key, scored_prompt_keys
 
     pool, subject = training_pools(setup, edited, edited)
-    blocked = forbidden_prompts(list(edited)) | {r.prompt for r in edited} | set(pool) | set(subject)
+    blocked = scored_prompt_keys(list(edited)) | {prompt_key(p) for p in pool + subject}
     # Template questions only calibrate routers: as training neighbours they drowned single edits (measured).
     return pool + subject + template_prompts(list(edited) + list(setup.other_records), blocked)
 
@@ -82,38 +83,117 @@ def steps_for(n_edits: int, base_steps: int) -> int:
     return max(30, min(base_steps, 30 + 2 * n_edits))
 
 
-def train_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
-                  base_config=None, progress: bool = True) -> list[Path]:
-    """Train one expert per chunk (skipping chunks whose expert is already on disk: adding an expert never
-    retrains or rewrites another). Returns the expert directories."""
-    from tqdm.auto import tqdm
+def _expert_run_dir(out_dir, k: int) -> Path:
+    return Path(out_dir) / f"expert-{k:04d}"
 
+
+def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, edited: Sequence[EditRecord],
+                     base_config=None) -> Path:
+    """Train the expert of one chunk into run_dir/expert, unless it is already there (adding an expert never
+    retrains or rewrites another). Returns the expert directory."""
     from t2edit.routers import annotate_expert
     from t2edit.svf import apply_svf
     from t2edit.training import SVFTrainer, TrainConfig
 
     base = base_config or TrainConfig()
-    dirs = []
-    for i, chunk in enumerate(tqdm(chunks, desc=f"{len(chunks)} experts", disable=not progress)):
-        run_dir = Path(out_dir) / f"expert-{i:04d}"
-        expert_dir = run_dir / "expert"
-        dirs.append(expert_dir)
-        if (expert_dir / CONFIG_NAME).exists():
-            continue
-        config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
-                         steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
-                         # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
-                         # the edit (measured: a single edit was not learned at all in 100 steps).
-                         neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
-        pool, subject = training_pools(setup, edited, chunk)
-        svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
-        try:
-            expert = SVFTrainer(svf_model, setup.tokenizer, chunk, pool, config, subject_prompts=subject).train()
-            annotate_expert(expert, chunk)
-            expert.save_pretrained(expert_dir)
-        finally:
-            svf_model.unload()
-    return dirs
+    expert_dir = Path(run_dir) / "expert"
+    if (expert_dir / CONFIG_NAME).exists():
+        return expert_dir
+    config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
+                     steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
+                     # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
+                     # the edit (measured: a single edit was not learned at all in 100 steps).
+                     neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
+    pool, subject = training_pools(setup, edited, chunk)
+    svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
+    try:
+        expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject).train()
+        annotate_expert(expert, chunk)
+        expert.save_pretrained(expert_dir)
+    finally:
+        svf_model.unload()
+    return expert_dir
+
+
+def trained_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
+                    base_config=None, progress: bool = True, workers: int = 1):
+    """Train one expert per chunk (in out_dir/expert-NNNN/expert, skipping those already on disk) and yield k as
+    soon as experts 0..k are all on disk, so a caller can score the first k while later ones train.
+
+    `workers` > 1 trains in that many CPU processes of one thread each (`setup.spec` says how each reloads the
+    setup): a single-edit expert of a fact world is a few hundred tiny, latency-bound steps that one core runs
+    about as fast as a GPU. Each expert is trained alone either way, so the result does not depend on `workers`."""
+    from tqdm.auto import tqdm
+
+    todo = [k for k in range(len(chunks)) if not (_expert_run_dir(out_dir, k) / "expert" / CONFIG_NAME).exists()]
+    bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts",
+               disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for k, chunk in enumerate(chunks):
+            if k in todo:
+                train_one_expert(setup, chunk, _expert_run_dir(out_dir, k), edited, base_config)
+                bar.update(1)
+            yield k
+        bar.close()
+        return
+    if getattr(setup, "spec", None) is None:
+        raise ValueError("training experts in worker processes needs a setup from t2edit.jobs.load_setup (its "
+                         "spec says how each worker reloads it); pass workers=1")
+    import multiprocessing
+
+    from t2edit.svf import apply_svf
+    from t2edit.training import TrainConfig
+
+    # Decompose the target matrices once, here, into the shared SVD cache: every process then reads the same
+    # factors (each expert's z scales these singular vectors, so all processes must agree on them).
+    svf_config = (base_config or TrainConfig()).svf_config()
+    if svf_config.svd_cache_dir == "":
+        raise ValueError("training experts in worker processes needs the SVD cache (svd_cache_dir not ''), so that "
+                         "every process uses the same singular vectors; pass workers=1")
+    apply_svf(setup.model, svf_config, progress=False).unload()
+    position = {id(r): i for i, r in enumerate(setup.edits)}
+    tasks = [(k, [position[id(r)] for r in chunks[k]]) for k in todo]
+    done = set(range(len(chunks))) - set(todo)
+    next_k = 0
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    with context.Pool(min(workers, len(todo)), initializer=_worker_start,
+                      initargs=(setup.spec, str(out_dir), [position[id(r)] for r in edited], base_config)) as pool:
+        for k, _seconds in pool.imap(_worker_train, tasks):
+            done.add(k)
+            bar.update(1)
+            while next_k in done:
+                yield next_k
+                next_k += 1
+    bar.close()
+    yield from range(next_k, len(chunks))
+
+
+_WORKER: dict = {}
+
+
+def _worker_start(spec: dict, out_dir: str, edited: list[int], base_config):
+    torch.set_num_threads(1)
+    from t2edit.jobs import load_setup
+
+    setup = load_setup(**{**spec, "progress": False})
+    _WORKER.update(setup=setup, out_dir=out_dir, edited=[setup.edits[i] for i in edited], base=base_config)
+
+
+def _worker_train(task: tuple[int, list[int]]) -> tuple[int, float]:
+    k, positions = task
+    started = time.perf_counter()
+    setup = _WORKER["setup"]
+    train_one_expert(setup, [setup.edits[i] for i in positions], _expert_run_dir(_WORKER["out_dir"], k),
+                     _WORKER["edited"], _WORKER["base"])
+    return k, time.perf_counter() - started
+
+
+def train_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
+                  base_config=None, progress: bool = True, workers: int = 1) -> list[Path]:
+    """Train one expert per chunk (see `trained_experts`); returns the expert directories."""
+    for _ in trained_experts(setup, chunks, out_dir, edited, base_config, progress, workers):
+        pass
+    return [_expert_run_dir(out_dir, k) / "expert" for k in range(len(chunks))]
 
 
 class AdaptiveEditor(Editor):
@@ -121,16 +201,22 @@ class AdaptiveEditor(Editor):
     (on the experts and the negatives; the records it is asked to edit only decide which experts exist)."""
 
     def __init__(self, expert_dirs: Sequence[str | Path], router_factory: Callable[[], object], name: str,
-                 negatives: Sequence[str] = (), mixing: str = "auto"):
+                 negatives: Sequence[str] = (), mixing: str = "auto", loaded: dict | None = None):
         self.expert_dirs, self.router_factory, self.name = [str(d) for d in expert_dirs], router_factory, name
         self.negatives, self.mixing = list(negatives), mixing
+        # Experts already read from disk, by directory, shared between editors (a sequential curve reads the
+        # first experts again at every point); nothing here changes an expert once loaded.
+        self.loaded = {} if loaded is None else loaded
         self.router = None
         self.fit_seconds = 0.0
 
     def edit(self, model, tokenizer, records):
         from t2edit.adaptation import AdaptiveModel
 
-        experts = [Expert.from_pretrained(d) for d in self.expert_dirs]
+        for d in self.expert_dirs:
+            if d not in self.loaded:
+                self.loaded[d] = Expert.from_pretrained(d)
+        experts = [self.loaded[d] for d in self.expert_dirs]
         fit = self.router is None
         if fit:
             self.router = self.router_factory()
@@ -278,38 +364,87 @@ def composition_table(results) -> str:
     return "\n".join(lines)
 
 
+def sequential_sizes(n: int, points: int = 10) -> list[int]:
+    """Where the sequential curve is scored: 1 and `points` evenly spaced sizes up to n."""
+    return sorted({max(1, round(n * i / points)) for i in range(1, points + 1)} | {1})
+
+
 def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope", "embedding"), points: int = 10,
-                   base_config=None, progress: bool = True):
-    """Single-edit experts added one at a time; after each addition in a grid of `points` sizes, all edits so far
-    are scored (and the first edits alone, to see whether they keep their scores). Writes sequential.{json,png}."""
+                   base_config=None, progress: bool = True, workers: int = 1, batch_size: int | None = None,
+                   deadline: float | None = None, sizes: Sequence[int] | None = None,
+                   experts_dir: str | Path | None = None):
+    """Single-edit experts added one at a time; at each size of `sizes` (default `sequential_sizes(n, points)`)
+    all edits so far are scored with every router (and the first 10 edits alone, to see whether they keep their
+    scores). Experts train while earlier points are scored (`trained_experts`, `workers` CPU processes).
+
+    Each point is appended to out_dir/sequential.json (and the plot redrawn) as soon as it is scored, so a run
+    stopped early keeps every finished point. `deadline` (a time.perf_counter() value): no point is started after
+    it, nor one that the time of the previous point says would end after it. The experts go to `experts_dir`
+    (default out_dir/experts-single)."""
     from t2edit.evaluation import evaluate_editor
 
     edits = list(setup.edits)
     n = len(edits)
     chunks = split_records(edits, n)
-    dirs = train_experts(setup, chunks, Path(out_dir) / "experts-single", edits, base_config, progress)
-    sizes = sorted({max(1, round(n * i / points)) for i in range(1, points + 1)} | {1})
-    batch_size = 64 if setup.world_report is not None else 16
-    curve = []
-    for name in routers:
+    experts_dir = Path(experts_dir or Path(out_dir) / "experts-single")
+    dirs = [str(_expert_run_dir(experts_dir, k) / "expert") for k in range(n)]
+    sizes = sorted({s for s in (sizes or sequential_sizes(n, points)) if 1 <= s <= n})
+    batch_size = batch_size or (64 if setup.world_report is not None else 16)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    curve: list[dict] = []
+    loaded: dict = {}
+    started = time.perf_counter()
+    last_point_seconds, last_size = 0.0, 0
+    ready = trained_experts(setup, chunks, experts_dir, edits, base_config, progress, workers)
+    try:
+        trained = 0
         for size in sizes:
+            while trained < size and not _past(deadline):
+                next(ready)
+                trained += 1
+            expected = last_point_seconds * size / max(1, last_size)  # scoring grows with the edits scored
+            if _past(deadline, expected):
+                print(f"[t2edit] sequential: deadline; stopping before {size} edits ({trained} experts trained, "
+                      f"{len(curve)} rows kept)", flush=True)
+                break
+            point_started = time.perf_counter()
             so_far = edits[:size]
             negatives = negatives_for(setup, so_far)
-            editor = AdaptiveEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}", negatives)
-            result = evaluate_editor(editor, setup.model, setup.tokenizer, so_far, fluency=False, progress=False,
-                                     batch_size=batch_size)
-            first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(10, size)], fluency=False,
-                                    progress=False, batch_size=batch_size)
-            row = {"router": name, "edits": size, **{k: getattr(result, k) for k in (
-                "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
-                "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em}
-            curve.append(row)
-            print(f"[t2edit] sequential {name} {size:4d} edits: ES {row['edit_success']:.3f} "
-                  f"Loc {row['locality']:.3f} Port {row['portability']:.3f} "
-                  f"(first 10: ES {row['first10_edit_success']:.3f})", flush=True)
-            Path(out_dir, "sequential.json").write_text(json.dumps(curve, indent=1))
-    plot_sequential(curve, Path(out_dir) / "sequential.png")
+            for name in routers:
+                row_started = time.perf_counter()
+                editor = AdaptiveEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}",
+                                        negatives, loaded=loaded)
+                result = evaluate_editor(editor, setup.model, setup.tokenizer, so_far, fluency=False,
+                                         progress=False, batch_size=batch_size)
+                first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(10, size)], fluency=False,
+                                        progress=False, batch_size=batch_size)
+                row = {"router": name, "edits": size, **{k: getattr(result, k) for k in (
+                    "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
+                    "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em,
+                    "negatives": len(negatives), "router_fit_seconds": round(editor.fit_seconds, 2),
+                    "seconds": round(time.perf_counter() - row_started, 2),
+                    "elapsed_seconds": round(time.perf_counter() - started, 1)}
+                curve.append(row)
+                print(f"[t2edit] sequential {name} {size:4d} edits: ES {row['edit_success']:.3f} "
+                      f"Loc {row['locality']:.3f} Port {row['portability']:.3f} "
+                      f"(first 10: ES {row['first10_edit_success']:.3f}) {row['seconds']:.1f} s", flush=True)
+                _write_json(Path(out_dir) / "sequential.json", curve)
+            plot_sequential(curve, Path(out_dir) / "sequential.png")
+            last_point_seconds, last_size = time.perf_counter() - point_started, size
+    finally:
+        ready.close()  # stops the training workers if the curve ended early
     return curve
+
+
+def _past(deadline: float | None, ahead: float = 0.0) -> bool:
+    return deadline is not None and time.perf_counter() + ahead > deadline
+
+
+def _write_json(path: Path, value):
+    """Atomic: a run killed while writing leaves the previous file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def plot_sequential(curve: list[dict], path: Path):
@@ -328,7 +463,8 @@ def plot_sequential(curve: list[dict], path: Path):
 
 
 __all__ = ["AdaptiveEditor", "ROW_ROUTERS", "composition_table", "cross_two_hop", "negatives_for",
-           "oracle_assignments", "run_composition", "run_sequential", "split_records", "train_experts"]
+           "oracle_assignments", "run_composition", "run_sequential", "sequential_sizes", "split_records",
+           "train_experts", "train_one_expert", "trained_experts"]
 
 
 def routing_rates(model, tokenizer, records: Sequence[EditRecord], negatives: Sequence[str],
