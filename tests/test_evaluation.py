@@ -418,3 +418,146 @@ def test_plot_sequential_draws_one_panel_per_router_and_leaves_only_the_png(tmp_
     plot_sequential(one + [{**r, "router": "scope"} for r in one], tmp_path / "two.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]
     assert _png_width(tmp_path / "two.png") > 1.8 * _png_width(tmp_path / "one.png")
+
+
+# ---------------------------------------------------------------------------------------------- plumbing pinned
+# Each test here kills survivors of the mutmut run (README, Contributing): what the model is fed and how.
+
+from types import SimpleNamespace  # noqa: E402
+
+
+class RecordingLM(torch.nn.Module):
+    """Records every keyword a metric passes to forward / generate; logits are all zero (argmax = token 0)."""
+
+    def __init__(self, vocab_size, routes_on_prompt=False, new_tokens=(5, 6, 7)):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.vocab_size, self.routes_on_prompt, self.new_tokens = vocab_size, routes_on_prompt, list(new_tokens)
+        self.forward_calls, self.generate_calls = [], []
+        self.generation_config = SimpleNamespace(eos_token_id=None)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=None, prompt_end=None):
+        self.forward_calls.append(dict(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, logits_to_keep=logits_to_keep,
+                                       prompt_end=prompt_end))
+        return torch.zeros(*input_ids.shape, self.vocab_size)
+
+    def generate(self, input_ids, attention_mask=None, generation_config=None):
+        self.generate_calls.append(dict(input_ids=input_ids, attention_mask=attention_mask,
+                                        config=generation_config))
+        n = generation_config.max_new_tokens
+        new = torch.tensor(self.new_tokens * n)[:n].repeat(input_ids.shape[0], 1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_forward_gets_positions_from_the_mask_kept_logits_and_prompt_ends(tokenizer):
+    model = RecordingLM(len(tokenizer), routes_on_prompt=True)
+    prompts, targets = ["Ann is", "The capital of Foo is"], ["Bob", "Bar"]
+    metrics_module.teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size=2)
+    call = model.forward_calls[0]
+    mask = call["attention_mask"]
+    assert torch.equal(call["position_ids"], (mask.cumsum(-1) - 1).clamp(min=0))
+    for row in range(2):
+        real = int(mask[row].sum())
+        assert call["position_ids"][row, -real:].tolist() == list(range(real))
+    width = call["input_ids"].shape[1]
+    items = [(len(tokenizer(p + " " + t)["input_ids"]), len(tokenizer(p)["input_ids"]))
+             for p, t in zip(prompts, targets)]
+    order = sorted(range(2), key=lambda i: items[i][0])
+    starts = [max(1, width - items[i][0] + items[i][1]) for i in order]
+    assert call["prompt_end"].tolist() == [s - 1 for s in starts]
+    assert call["logits_to_keep"] == width - min(starts) + 1
+    plain = RecordingLM(len(tokenizer))
+    metrics_module.teacher_forced_predictions(plain, tokenizer, prompts, targets)
+    assert plain.forward_calls[0]["prompt_end"] is None  # only a model that routes on the prompt is told
+
+
+def test_forward_accepts_and_left_pad_and_device_helpers():
+    accepts = metrics_module._forward_accepts
+    assert accepts(SimpleNamespace(forward=lambda input_ids, position_ids=None: 0), "position_ids")
+    assert not accepts(SimpleNamespace(forward=lambda input_ids, attention_mask=None: 0), "position_ids")
+    assert accepts(SimpleNamespace(forward=lambda input_ids, **kw: 0), "logits_to_keep")
+    ids_, mask = metrics_module._left_pad([[7, 8, 9], [4], []], pad_id=0, device="cpu")
+    assert ids_.dtype == mask.dtype == torch.long
+    assert ids_.tolist() == [[7, 8, 9], [0, 0, 4], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    assert metrics_module._device(torch.nn.Module()) == torch.device("cpu")
+
+
+def test_pad_and_stop_ids_fall_back_and_merge():
+    pad_id = metrics_module._pad_id
+    assert pad_id(SimpleNamespace(pad_token_id=3, eos_token_id=5)) == 3
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=5)) == 5
+    with pytest.raises(EvaluationInputError, match="neither a pad token nor an EOS token; set tokenizer.pad_token"):
+        pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+    stop = metrics_module._stop_ids
+    tok = SimpleNamespace(eos_token_id=2)
+    with_config = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 2]))
+    assert stop(with_config, tok) == [2, 9]
+    assert stop(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=4)), tok) == [2, 4]
+    assert stop(SimpleNamespace(), tok) == [2]
+    assert stop(with_config, SimpleNamespace(eos_token_id=None)) == [2, 9]
+
+
+def test_batches_take_batch_size_one_and_refuse_zero():
+    assert list(metrics_module._batches([3, 1, 2], 1, "x", False)) == [[3], [1], [2]]
+    assert list(metrics_module._batches([3, 1, 2, 0], 3, "x", False)) == [[3, 1, 2], [0]]
+    with pytest.raises(EvaluationInputError, match="batch_size must be at least 1, got 0"):
+        list(metrics_module._batches([1], 0, "x", False))
+
+
+def test_generation_settings_are_explicit_and_complete(tokenizer):
+    model = RecordingLM(len(tokenizer))
+    model.generation_config = SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 6])
+    out = greedy_completions(model, tokenizer, ["Ann is", "The capital of Foo is"], [2, 3], batch_size=2)
+    call = model.generate_calls[0]
+    config = call["config"]
+    assert call["attention_mask"] is not None and call["attention_mask"][0, 0] == 0  # the short row is padded
+    assert (config.num_beams, config.top_p, config.temperature, config.repetition_penalty,
+            config.no_repeat_ngram_size, config.do_sample) == (1, 1.0, 1.0, 1.0, 0, False)
+    assert config.pad_token_id == tokenizer.pad_token_id and config.max_new_tokens == 3
+    assert sorted(config.eos_token_id) == sorted({tokenizer.eos_token_id, 6})
+    # New tokens 5, 6, 7: token 6 is a configured stop id, so each row ends before it.
+    assert out == [tokenizer.decode([5])] * 2
+    model.generate_calls.clear()
+    texts = sample_texts(model, tokenizer, ["Ann is"], contexts=["Eve is. "], max_new_tokens=4, top_k=3)
+    config = model.generate_calls[0]["config"]
+    assert (config.do_sample, config.top_k, config.max_new_tokens, config.min_new_tokens) == (True, 3, 4, 0)
+    assert (config.typical_p, config.min_p, config.pad_token_id) == (1.0, 0.0, tokenizer.pad_token_id)
+    assert config.eos_token_id in ([], None) and model.generate_calls[0]["attention_mask"] is not None
+    fed = model.generate_calls[0]["input_ids"][0].tolist()
+    assert fed[-len(tokenizer("Eve is. Ann is")["input_ids"]):] == tokenizer("Eve is. Ann is")["input_ids"]
+    assert texts[0].startswith("Ann is") and "Eve" not in texts[0]  # the context is fed, not scored
+
+
+def test_contexts_reach_the_model_in_every_metric(tokenizer, monkeypatch):
+    model = RecordingLM(len(tokenizer))
+    context = "Eve is. "
+    with_context = tokenizer(context + "Ann is Bob")["input_ids"]
+    teacher_forced_accuracy(model, tokenizer, ["Ann is"], ["Bob"], contexts=[context])
+    assert model.forward_calls[-1]["input_ids"][0].tolist()[-len(with_context):] == with_context
+    answer_argmax_tokens(model, tokenizer, ["Ann is"], ["Bob"], contexts=[context])
+    assert model.forward_calls[-1]["input_ids"][0].tolist()[-len(with_context):] == with_context
+    with pytest.raises(EvaluationInputError, match="2 max_new_tokens"):
+        greedy_completions(model, tokenizer, ["a"], [1, 2])
+    seen = {}
+
+    def fake_greedy(model_, tokenizer_, inputs, budgets, batch_size, progress):
+        seen.update(inputs=inputs, budgets=budgets)
+        return ["Bob"] * len(inputs)
+
+    monkeypatch.setattr(metrics_module, "greedy_completions", fake_greedy)
+    assert exact_match_scores(model, tokenizer, ["Ann is"], [["Bob"]], contexts=[context]) == [1.0]
+    assert seen["inputs"] == [context + "Ann is"]
+    with pytest.raises(EvaluationInputError, match="alias lists"):
+        exact_match_scores(model, tokenizer, ["a", "b"], [["c"]])
+    with pytest.raises(EvaluationInputError, match="contexts"):
+        exact_match_scores(model, tokenizer, ["a"], [["c"]], contexts=["x", "y"])
+    with pytest.raises(EvaluationInputError, match="1 contexts"):
+        sample_texts(model, tokenizer, ["a", "b"], contexts=["x"])
+
+
+def test_generate_without_generate_names_the_model():
+    with pytest.raises(EvaluationInputError, match="Module has no .generate\\(\\).*Hugging Face generative model"):
+        metrics_module._generate(torch.nn.Module(), torch.zeros(1, 1, dtype=torch.long),
+                                 torch.ones(1, 1, dtype=torch.long), 0)

@@ -206,6 +206,8 @@ def test_presets_cover_other_families_names_and_never_pick_output_heads():
     assert find_target_layers(model, "all-linear") == names[:6]
     assert find_target_layers(model, ["o_proj"]) == ["blocks.0.other.o_proj"]
     assert find_target_layers(model, ["re:^blocks\\.0\\.ffn"]) == ["blocks.0.ffn.w2"]
+    assert find_target_layers(model, ["w1"]) == ["blocks.0.feed_forward.w1"]  # a suffix is not a regex
+    assert find_target_layers(model, ["re:q$"]) == ["blocks.0.attention.q"]  # the whole pattern after "re:"
     with pytest.raises(ValueError, match="matched no linear layer of _Named"):
         find_target_layers(model, ["nothing"])
 
@@ -339,8 +341,9 @@ def test_singular_values_for_a_batch_of_z_rows_match_row_by_row():
         assert torch.isclose(batch[row].sum(), layer.s.sum())
 
 
-def test_rows_planned_gives_each_row_its_own_singular_values_with_bias():
-    model = _Named(["a"], bias=True)
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_planned_gives_each_row_its_own_singular_values(bias):
+    model = _Named(["a"], bias=bias)
     svf = apply_svf(model, SVFConfig(target_modules="all-linear", mask="identity", svd_cache_dir=""),
                     progress=False)
     layer = svf.base_model.a
