@@ -561,3 +561,58 @@ def test_generate_without_generate_names_the_model():
     with pytest.raises(EvaluationInputError, match="Module has no .generate\\(\\).*Hugging Face generative model"):
         metrics_module._generate(torch.nn.Module(), torch.zeros(1, 1, dtype=torch.long),
                                  torch.ones(1, 1, dtype=torch.long), 0)
+
+
+# The sampling defaults are EasyEdit's fluency protocol (100 tokens, top-5, a fixed seed); a changed default would
+# move every fluency figure in the README without a single argument changing.
+
+def test_sampling_and_fluency_defaults_are_the_documented_ones(tokenizer):
+    recorder = RecordingLM(len(tokenizer))
+    sample_texts(recorder, tokenizer, ["Ann is"])
+    fluency_scores(recorder, tokenizer, ["Ann is"])
+    for call in recorder.generate_calls:
+        assert (call["config"].max_new_tokens, call["config"].top_k) == (100, 5)
+    model = build_tiny_model(tokenizer, seed=3)
+    prompts = ["Ann is", "The capital of Foo is"]
+    explicit = sample_texts(model, tokenizer, prompts, max_new_tokens=100, top_k=5, seed=0)
+    assert sample_texts(model, tokenizer, prompts) == explicit
+    assert sample_texts(model, tokenizer, prompts, seed=1) != explicit  # the seed does pick the sample
+    assert fluency_scores(model, tokenizer, prompts) == [metrics_module.ngram_entropy(t) for t in explicit]
+
+
+def test_fluency_samples_with_the_given_contexts_and_top_k(tokenizer):
+    recorder = RecordingLM(len(tokenizer))
+    fluency_scores(recorder, tokenizer, ["Ann is"], contexts=["Eve is. "], top_k=3, max_new_tokens=4)
+    call = recorder.generate_calls[0]
+    fed = tokenizer("Eve is. Ann is")["input_ids"]
+    assert call["input_ids"][0].tolist()[-len(fed):] == fed
+    assert (call["config"].top_k, call["config"].max_new_tokens) == (3, 4)
+
+
+def test_sampling_never_stops_at_the_models_eos(tokenizer):
+    """EasyEdit samples exactly max_new_tokens tokens: a model whose EOS is its likeliest next token still gives
+    the full-length text (the sampler must not fall back to the checkpoint's EOS)."""
+    model = build_tiny_model(tokenizer, seed=4)
+    model.generation_config.eos_token_id = None
+    free = sample_texts(model, tokenizer, ["Ann is"], max_new_tokens=8, top_k=1)
+    with torch.no_grad():
+        first = int(model(**tokenizer(["Ann is"], return_tensors="pt")).logits[0, -1].argmax())
+    model.generation_config.eos_token_id = first
+    assert sample_texts(model, tokenizer, ["Ann is"], max_new_tokens=8, top_k=1) == free
+    assert len(ids(tokenizer, free[0])) > len(ids(tokenizer, "Ann is")) + 4  # (special tokens are decoded away)
+
+
+def test_sampled_text_joins_blank_lines_and_exact_match_feeds_the_bare_prompt(tokenizer, monkeypatch):
+    recorder = RecordingLM(len(tokenizer))
+    monkeypatch.setattr(tokenizer, "decode", lambda token_ids, skip_special_tokens: "Ann is\n\nBob\n\nCarl\nEve")
+    assert sample_texts(recorder, tokenizer, ["Ann is"], max_new_tokens=2) == ["Ann is Bob Carl\nEve"]
+    monkeypatch.undo()
+    seen = {}
+
+    def fake_greedy(model_, tokenizer_, inputs, budgets, batch_size, progress):
+        seen["inputs"] = inputs
+        return ["Bob"] * len(inputs)
+
+    monkeypatch.setattr(metrics_module, "greedy_completions", fake_greedy)
+    assert exact_match_scores(recorder, tokenizer, ["Ann is", "Eve is"], [["Bob"], ["Carl"]]) == [1.0, 0.0]
+    assert seen["inputs"] == ["Ann is", "Eve is"]  # no context: the prompt alone, nothing prefixed
