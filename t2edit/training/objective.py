@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from t2edit.precision import autocast_context, bf16_is_fast, frozen_weights_cast  # noqa: F401  (re-exported)
+from t2edit.precision import autocast_context, frozen_weights_cast
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.training.config import TrainConfig
 

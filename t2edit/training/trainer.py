@@ -32,13 +32,13 @@ import torch
 from rewards import RewardSet
 from t2edit.data.records import EditRecord
 from t2edit.experts import Expert
+from t2edit.precision import autocast_context
 from t2edit.rollouts import HFRollouts
 from t2edit.routing import calibrate_router
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
-from t2edit.training.objective import (autocast_context, group_advantages, make_scheduler, score_rows,
-                                       sequence_logprobs)
+from t2edit.training.objective import group_advantages, make_scheduler, score_rows, sequence_logprobs
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
