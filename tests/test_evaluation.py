@@ -616,3 +616,18 @@ def test_sampled_text_joins_blank_lines_and_exact_match_feeds_the_bare_prompt(to
     monkeypatch.setattr(metrics_module, "greedy_completions", fake_greedy)
     assert exact_match_scores(recorder, tokenizer, ["Ann is", "Eve is"], [["Bob"], ["Carl"]]) == [1.0, 0.0]
     assert seen["inputs"] == ["Ann is", "Eve is"]  # no context: the prompt alone, nothing prefixed
+
+
+def test_greedy_answers_drop_special_tokens_that_are_not_stop_ids(tokenizer):
+    """A chat model may emit a special token (BOS, a role marker) inside its answer; it is not text."""
+    bos = tokenizer.bos_token_id
+    model = RecordingLM(len(tokenizer), new_tokens=(bos, *ids(tokenizer, "Bob")))
+    out = greedy_completions(model, tokenizer, ["Ann is"], 2)
+    assert out[0].strip() == "Bob" and tokenizer.bos_token not in out[0]
+
+
+def test_teacher_forcing_scores_every_target_token_after_an_empty_prompt(tokenizer):
+    """An empty prompt leaves only BOS before the target: the first target token is still predicted and scored."""
+    model = BigramLM(tokenizer, {"Bob": "Smith"})
+    (predicted, gold), = metrics_module.teacher_forced_predictions(model, tokenizer, [""], ["Bob Smith"])
+    assert len(predicted) == len(gold) == len(ids(tokenizer, "Bob Smith"))

@@ -419,3 +419,18 @@ def test_svf_model_passes_positional_arguments_through(tiny_tokenizer, tiny_text
         assert torch.allclose(svf(ids).logits, base, atol=1e-4)
         generated = svf.generate(ids, max_new_tokens=2, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 2
+
+
+def test_rows_planned_forward_of_a_bf16_model_keeps_its_dtype_outside_autocast():
+    """A model loaded in bf16 keeps fp32 factors: the per-row path must cast in and out (no dtype clash, no fp32
+    activations leaking into the next bf16 layer) and agree with the ordinary forward."""
+    model = _Named(["a"], bias=True).to(torch.bfloat16)
+    svf = apply_svf(model, SVFConfig(target_modules="all-linear", svd_cache_dir=""), progress=False)
+    layer = svf.base_model.a
+    x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
+    sigma_rows = layer.singular_values_for(torch.ones(2, layer.rank) * layer.z.detach())
+    with torch.no_grad():
+        out = layer.forward_row_sigma(x, sigma_rows)
+        plain = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), plain.float(), atol=3e-2)
