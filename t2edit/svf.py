@@ -221,29 +221,32 @@ class SVDCache:
 # The SVF layer
 # ----------------------------------------------------------------------------------------------------------------
 
-class _FactoredLinear(torch.autograd.Function):
-    """y = x W'ᵀ + b with W' = U diag(σ) Vᵀ precomputed; backward gives x and σ their gradients only."""
+class _SpectralLinear(torch.autograd.Function):
+    """y = ((x V) ⊙ σ) Uᵀ + b through the factors, for training. Against the merged weight W' = U diag(σ) Vᵀ it
+    needs no W' per step and less arithmetic: the backward's g U is shared by σ's gradient (Σ_t (g U) ⊙ (x V)) and
+    x's ((g U) ⊙ σ) Vᵀ, so forward + backward cost 2·r·(in + out) multiply-adds per token instead of
+    2·in·out + r·(in + out) (r = min(in, out): 20 % less on a 576×1536 MLP matrix, equal on square ones)."""
 
     @staticmethod
-    def forward(ctx, x, sigma, weight, U, Vh, bias):
-        ctx.save_for_backward(x, weight, U, Vh)
-        out = x @ weight.T
+    def forward(ctx, x, sigma, U, Vh, bias):
+        # U and Vh come in the dtype the matmuls run in (bf16 copies under autocast).
+        h = x.to(Vh.dtype) @ Vh.T
+        sigma_c = sigma.to(h.dtype)
+        out = (h * sigma_c) @ U.T
+        ctx.save_for_backward(h, sigma_c, U, Vh)
+        ctx.x_dtype = x.dtype
         return out + bias if bias is not None else out
 
     @staticmethod
     def backward(ctx, grad_out):
-        # Under autocast (bf16 on GPUs and AMX CPUs) the forward ran in a lower precision than the saved fp32
-        # factors; the backward runs outside autocast, so it casts to the activations' dtype itself. Only the
-        # per-singular-value reduction is accumulated in fp32.
-        x, weight, U, Vh = ctx.saved_tensors
-        compute = grad_out.dtype
-        grad_x = (grad_out @ weight.to(compute)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        # The backward runs outside autocast: casts are explicit; σ's reduction is accumulated in fp32.
+        h, sigma, U, Vh = ctx.saved_tensors
+        gU = grad_out.to(U.dtype) @ U
+        grad_x = ((gU * sigma) @ Vh).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grad_sigma = None
         if ctx.needs_input_grad[1]:
-            g = grad_out.reshape(-1, grad_out.shape[-1])
-            h = x.reshape(-1, x.shape[-1]).to(compute)
-            grad_sigma = ((g @ U.to(compute)).float() * (h @ Vh.T.to(compute)).float()).sum(0)
-        return grad_x, grad_sigma, None, None, None, None
+            grad_sigma = torch.sum((gU * h).reshape(-1, h.shape[-1]), 0, dtype=torch.float32)
+        return grad_x, grad_sigma, None, None, None
 
 
 class SVFLinear(nn.Module):
@@ -267,6 +270,7 @@ class SVFLinear(nn.Module):
         self._cache_key = None
         self._cast_weight: torch.Tensor | None = None  # W' in the autocast dtype (bf16), made once per z
         self._cast_key = None
+        self._cast_factors: tuple | None = None  # (dtype, device, U, Vh): factors in the training matmuls' dtype
         # W' is built in the base weight's dtype, recorded now: the base layer may hold a bf16 copy for a while
         # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
         self.weight_dtype = _weight_as_out_in(base_layer).dtype
@@ -326,18 +330,26 @@ class SVFLinear(nn.Module):
             self._cast_weight, self._cast_key = weight.to(dtype), (self._cache_key, dtype)
         return self._cast_weight
 
+    def factors_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and Vᵀ in the dtype the matmuls on `x` run in (autocast's, else x's), cast once and kept."""
+        dtype = autocast_dtype(x.device) or (x.dtype if x.is_floating_point() else self.U.dtype)
+        if dtype == self.U.dtype:
+            return self.U, self.Vh
+        cached = self._cast_factors
+        if cached is None or cached[0] != dtype or cached[1] != self.U.device:
+            cached = self._cast_factors = (dtype, self.U.device, self.U.to(dtype), self.Vh.to(dtype))
+        return cached[2], cached[3]
+
     def forward(self, x):
         if self.bypass:
             return self.base_layer(x)
         if self.row_plan is not None:
             return self.row_plan(self, x)
-        weight = self.compute_weight(x)
         bias = self.base_layer.bias
-        if torch.is_grad_enabled() and self.z.requires_grad:
-            sigma = self.singular_values()
-            out = _FactoredLinear.apply(x, sigma, weight, self.U, self.Vh, bias)
+        if torch.is_grad_enabled() and self.z.requires_grad:  # training: through the factors, no W' built
+            out = _SpectralLinear.apply(x, self.singular_values(), *self.factors_for(x), bias)
         else:
-            out = x @ weight.T
+            out = x @ self.compute_weight(x).T
             out = out + bias if bias is not None else out
         if self.row_gate is not None:  # routed rows get W', the others the original layer
             gate = self.row_gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))

@@ -434,3 +434,27 @@ def test_rows_planned_forward_of_a_bf16_model_keeps_its_dtype_outside_autocast()
         plain = layer(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), plain.float(), atol=3e-2)
+
+
+def test_training_forward_gives_x_and_z_the_gradients_of_the_merged_weight_in_fp32_and_bf16():
+    """The training path runs through the factors (bf16 copies under autocast); z's and x's gradients must be those
+    of plain autograd through x W'ᵀ with W' = U diag(σ) Vᵀ (σ's reduction is accumulated in fp32)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 16)  # rectangular, as the MLP matrices the factored path is for
+    U, s, Vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
+    x0 = torch.randn(4, 6, 48)
+    z0 = torch.rand(s.shape) + 0.5
+    z_ref, x_ref = z0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    m = torch.sigmoid(z_ref)
+    sigma = s * m * (s.sum() / (s * m).sum())
+    ((x_ref @ ((U * sigma) @ Vh).T + layer.bias) ** 2).sum().backward()
+    for precision, tolerance in (("fp32", 1e-4), ("bf16", 3e-2)):
+        svf_layer = SVFLinear(layer, (U, s, Vh), SVFConfig())
+        svf_layer.z.data = z0.clone()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = svf_layer(x)
+        (out.float() ** 2).sum().backward()
+        assert svf_layer.z.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+        assert (svf_layer.z.grad - z_ref.grad).norm() < tolerance * z_ref.grad.norm(), precision
+        assert (x.grad - x_ref.grad).norm() < tolerance * x_ref.grad.norm(), precision
