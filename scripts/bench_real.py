@@ -4,6 +4,8 @@
   trainer built), as `scripts/train_rl.py` pays them.
 * reinforce_step: one guided-REINFORCE step of the llm preset (sampling, rewards, scoring, update) against a plain
   forward + backward of the rows that step scored: what the step costs beyond its tokens.
+* step_update: the same step less its sampling and neighbour-reference time (the trainer's `time/sampling` and
+  `time/references`): scoring, KL and the update against the same forward + backward.
 * svf_vs_lora: forward + backward of the same rows through SVF (z of every MLP matrix) and through PEFT LoRA r=8
   on q_proj / v_proj (EasyEdit's LoRA); target: SVF ≤ 1.2× LoRA.
 * precision: the same SVF forward + backward in fp32 and under bf16 autocast.
@@ -67,8 +69,10 @@ def main(argv=None):
     trainer.training_step()  # warm-up step (first neighbour references, kernel selection)
     captured.clear()
     step_start = time.perf_counter()
-    trainer.training_step()
+    step_metrics = trainer.training_step()
     step = time.perf_counter() - step_start
+    # The part of the step that scores its rows and updates z (no sampling, no neighbour reference answers).
+    update = step - step_metrics["time/sampling"] - step_metrics["time/references"]
     trainer_module.sequence_logprobs = scorer
     prompts, completions = captured["prompts"], captured["completions"]
 
@@ -78,15 +82,22 @@ def main(argv=None):
             logps.sum().backward()
         return run
 
-    svf_bf16 = _warm_timed(forward_backward(svf, "auto"))
-    rows.append(("reinforce_step", f"fwd+bwd of its {len(prompts)} rows", svf_bf16, "one REINFORCE step", step))
-    svf_fp32 = _warm_timed(forward_backward(svf, "fp32"))
-    rows.append(("precision", "SVF fwd+bwd fp32", svf_fp32, "bf16 autocast", svf_bf16))
-    base = svf.unload()
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    lora_bf16 = _warm_timed(forward_backward(lora, "auto"))
+    # LoRA on a second copy of the base model, so the two are timed turn about in the same minutes: a busy moment
+    # of the machine then slows both sides of the ratio instead of one.
+    lora = get_peft_model(load_model(args.model)[0],
+                          LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    svf_run, lora_run = forward_backward(svf, "auto"), forward_backward(lora, "auto")
+    svf_run(), lora_run()  # warm-up (kernel selection, caches)
+    svf_bf16 = lora_bf16 = float("inf")
+    for _ in range(5):
+        svf_bf16 = min(svf_bf16, _timed(svf_run, repeat=1))
+        lora_bf16 = min(lora_bf16, _timed(lora_run, repeat=1))
+    rows.append(("reinforce_step", f"fwd+bwd of its {len(prompts)} rows", svf_bf16, "one REINFORCE step", step))
+    rows.append(("step_update", f"fwd+bwd of its {len(prompts)} rows", svf_bf16, "step less sampling/refs", update))
+    svf_fp32 = _warm_timed(forward_backward(svf, "fp32"))
+    rows.append(("precision", "SVF fwd+bwd fp32", svf_fp32, "bf16 autocast", svf_bf16))
     rows.append(("svf_vs_lora", "LoRA r=8 q/v fwd+bwd", lora_bf16, "SVF (MLP z) fwd+bwd", svf_bf16))
 
     print(f"{args.model}: {len(edits)} edits, {len(prompts)} rows scored in the timed step")
