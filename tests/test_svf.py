@@ -458,3 +458,19 @@ def test_training_forward_gives_x_and_z_the_gradients_of_the_merged_weight_in_fp
         assert svf_layer.z.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
         assert (svf_layer.z.grad - z_ref.grad).norm() < tolerance * z_ref.grad.norm(), precision
         assert (x.grad - x_ref.grad).norm() < tolerance * x_ref.grad.norm(), precision
+
+
+def test_training_factors_come_in_the_matmul_dtype_cast_once_per_dtype():
+    layer = apply_svf(_Named(["a"], shape=(8, 4)), SVFConfig(target_modules="all-linear", svd_cache_dir=""),
+                      progress=False).base_model.a
+    x32 = torch.randn(2, 4)
+    assert all(f is g for f, g in zip(layer.factors_for(x32), (layer.U, layer.Vh)))  # fp32: the buffers themselves
+    bf16 = layer.factors_for(x32.bfloat16())  # a bf16 model outside autocast
+    assert [f.dtype for f in bf16] == [torch.bfloat16] * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = layer.factors_for(x32)
+        assert all(f is g for f, g in zip(again, bf16))  # cast once, reused
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = layer.factors_for(x32)
+    assert [f.dtype for f in half] == [torch.float16] * 2
+    assert torch.allclose(half[0].float(), layer.U, atol=1e-2) and torch.allclose(bf16[1].float(), layer.Vh, atol=2e-2)
