@@ -25,6 +25,12 @@ class Table(NamedTuple):
     source: str  # results JSON, relative to the repository root
     command: str  # the one command that reproduces it
     writes: str  # the file that command writes (copied over `source` to refresh the table)
+    note: str = ""  # said after the command instead of "(writes ...)" where the command writes no such file
+
+
+_GRID_NOTE = ("no single command: the CLI takes no FT-M / LoRA setting options, so each row is that command's "
+              "evaluation run through `evaluate_editor(get_editor(method, **setting), ...)` with the row's "
+              "`FTEditorConfig` / `LoRAEditorConfig` settings; not re-run, the numbers are transcribed")
 
 
 TABLES = [
@@ -56,6 +62,33 @@ TABLES = [
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single "
           "--method none,svf,svf-always,lora,ft,ike,prompt --no-fluency --out runs/single20",
           "runs/single20/results.json"),
+    Table("composition-world", "results/composition_world.json",
+          "t2edit eval --n 100 --composition 1,4,16,0 --out runs/composition", "runs/composition/rows-k*.json",
+          "writes `runs/composition/rows-k*.json` and `composition.md`; copy the rows' metrics, `seconds` and "
+          "`extra.two_hop_across*` into `results/composition_world.json`"),
+    Table("sequential-world", "results/sequential_world.json",
+          "t2edit eval --sequential --routers hybrid,scope,embedding --out runs/sequential",
+          "runs/sequential/sequential.json",
+          "writes `runs/sequential/sequential.json`, the `curve` of `results/sequential_world.json`; the table "
+          "shows the points listed in its `shown_edits`"),
+    Table("routing-smollm2", "results/routing_smollm2.json",
+          "routing_rates(model, tokenizer, records, negatives, held_out)", "",
+          "no single command: a Python call of `t2edit.evaluation.composition.routing_rates` (its defaults: routers "
+          "embedding and scope, margin 0.5; ScopeRouter's: layer 0, margin 0.1) on the model and prompts described "
+          "above; each row's `rates` is its returned dict for that router"),
+    Table("sync-bytes", "t2edit/rollouts.py", "python scripts/readme_tables.py", "",
+          "computed here by `t2edit.rollouts.sync_bytes` and `t2edit.vllm_worker.encode_z`; no results file"),
+    Table("gpu-smoke", "results/gpu_smoke_h100.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20', "",
+          "prints these figures on a CUDA machine; not re-run, the numbers are transcribed"),
+    Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
+          "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
+          _GRID_NOTE),
+    Table("baseline-tuning-lora", "results/baseline_tuning_smollm2.json",
+          "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method lora --no-fluency", "",
+          _GRID_NOTE),
+    Table("baseline-chosen50", "results/baseline_tuning_smollm2.json",
+          "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 50 --method none,ft,lora "
+          "--no-fluency", "", "not re-run, the numbers are transcribed"),
 ]
 
 
@@ -142,20 +175,111 @@ def _objectives_block(payload: dict) -> list[str]:
     return lines
 
 
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _composition_block(payload: dict) -> list[str]:
+    from types import SimpleNamespace
+
+    from t2edit.evaluation.composition import composition_table  # the code that wrote the run's composition.md
+
+    return [composition_table([SimpleNamespace(**row) for row in payload["rows"]])]
+
+
+def _sequential_block(payload: dict) -> list[str]:
+    shown = set(payload.get("shown_edits") or [r["edits"] for r in payload["curve"]])
+    keys = ("edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em",
+            "first10_edit_success")
+    lines = ["| router | edits | ES | Loc | Port | ES (EM) | Loc (EM) | Port (EM) | ES of the first 10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['router']} | {r['edits']} | " + " | ".join(_pct(r[k]) for k in keys) + " |"
+              for r in payload["curve"] if r["edits"] in shown]
+    if len(shown) < len({r["edits"] for r in payload["curve"]}):
+        lines += ["", f"Points shown: {', '.join(map(str, sorted(shown)))} edits (the JSON holds every point of "
+                      "the curve)."]
+    return lines
+
+
+ROUTING_COLUMNS = [("edit", "edit"), ("held-out other facts", "held-out facts"),
+                   ("locality/relation_specificity", "locality: relation spec."),
+                   ("locality/forgetfulness", "locality: forgetfulness"),
+                   ("portability/subject_aliasing", "port: subject aliasing"),
+                   ("portability/reasoning", "port: reasoning"),
+                   ("portability/logical_generalization", "port: logical gen.")]
+
+
+def _routing_block(payload: dict) -> list[str]:
+    """Share of prompts routed to the right expert (for prompts of no expert: routed at all), one row per router."""
+    lines = ["| router | " + " | ".join(label for _, label in ROUTING_COLUMNS) + " |",
+             "|---" * (len(ROUTING_COLUMNS) + 1) + "|"]
+    for row in payload["rows"]:
+        cells = [f"{row['rates'][kind]['to_right_expert']:.2f}" if kind in row["rates"] else "–"
+                 for kind, _ in ROUTING_COLUMNS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def llama_1b_shapes(all_linear: bool) -> list[tuple[int, int]]:
+    """(out, in) of the SVF layers of Llama-3.2-1B: hidden 2048, MLP 8192, 16 layers, 32 query / 8 KV heads of 64."""
+    hidden, mlp, q, kv = 2048, 8192, 32 * 64, 8 * 64
+    per_layer = [(mlp, hidden), (mlp, hidden), (hidden, mlp)]
+    if all_linear:
+        per_layer += [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q)]
+    return per_layer * 16
+
+
+def _sync_bytes_block(_payload) -> list[str]:
+    import torch
+
+    from t2edit.rollouts import sync_bytes
+    from t2edit.vllm_worker import encode_z
+
+    lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z as sent (JSON, base64) |",
+             "| --- | --- | --- | --- | --- |"]
+    for label, all_linear in (("MLP", False), ("all linear", True)):
+        shapes = llama_1b_shapes(all_linear)
+        sizes = sync_bytes(shapes, bytes_per_weight=2)
+        sent = len(encode_z({f"layer{i}": torch.ones(min(shape)) for i, shape in enumerate(shapes)}))
+        lines.append(f"| {label} ({len(shapes)} matrices) | {2 * sizes['merged'] / 1e9:.2f} GB | "
+                     f"{sizes['merged'] / 1e9:.2f} GB | {sizes['z'] / 1e3:.0f} KB | {sent / 1e3:.0f} KB |")
+    return lines
+
+
+def _transcribed(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"] + ["| " + " | ".join(r) + " |"
+                                                                              for r in rows]
+
+
+def _gpu_smoke_block(payload: dict) -> list[str]:
+    return _transcribed(payload["columns"], [[r["what"], r["figure"]] for r in payload["rows"]])
+
+
+def _tuning_block(part: str):
+    return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
+
+
+BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-objectives": _objectives_block,
+          "bench-real": _bench_real_block, "composition-world": _composition_block,
+          "sequential-world": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
+          "gpu-smoke": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
+          "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50")}
+
+
 def render(table: Table, repo: Path = REPO) -> str:
     """The generated block for one table (without its markers)."""
     path = repo / table.source
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run `{table.command}` and copy its results there")
-    payload = json.loads(path.read_text())
-    lines = [f"<!-- generated by scripts/readme_tables.py from {table.source}; edit that file, not this block -->"]
+    payload = json.loads(path.read_text()) if path.suffix == ".json" else {}
+    edit = "edit that file, not this block" if payload else "edit the code, not this block"
+    lines = [f"<!-- generated by scripts/readme_tables.py from {table.source}; {edit} -->"]
     if payload.get("provenance"):
         lines += [f"*{payload['provenance']}*", ""]
-    blocks = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-objectives": _objectives_block,
-              "bench-real": _bench_real_block}
-    lines += blocks.get(table.name, _method_block)(payload)
+    lines += BLOCKS.get(table.name, _method_block)(payload)
     copy = "" if table.writes == table.source else f", then copy it to `{table.source}`"
-    lines += ["", f"Source: `{table.source}`. Reproduce: `{table.command}` (writes `{table.writes}`{copy})."]
+    said = table.note or f"writes `{table.writes}`{copy}"
+    lines += ["", f"Source: `{table.source}`. Reproduce: `{table.command}` ({said})."]
     return "\n".join(lines)
 
 
