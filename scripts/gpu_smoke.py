@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from t2edit.jobs import load_setup  # noqa: E402
 from t2edit.rollouts import HFRollouts, VLLMRollouts, make_vllm_rollouts, merged_svf_weights, sync_bytes  # noqa: E402
 from t2edit.svf import apply_svf  # noqa: E402
-from t2edit.training import (SVFTrainer, TrainConfig, greedy_answers, neighbour_candidates,  # noqa: E402
-                             subject_neighbour_candidates)
+from t2edit.leakage import learning_pool  # noqa: E402
+from t2edit.training import SVFTrainer, TrainConfig, greedy_answers  # noqa: E402
 from t2edit.vllm_worker import SVFWorkerExtension, encode_z, recompose  # noqa: E402
 
 LLAMA_1B = dict(hidden=2048, mlp=8192, layers=16, heads=32, kv_heads=8, head_dim=64)
@@ -88,8 +88,8 @@ def build(args, world):
     pristine = copy.deepcopy(setup.model)  # the "server's" copy, before SVF layers go in
     config = TrainConfig(output_dir=tempfile.mkdtemp(prefix="t2edit-smoke-"), n_edits=args.n_edits, steps=args.steps,
                          eval_every=args.steps, save_every=0, progress=False, edits_per_step=args.n_edits)
-    pool = neighbour_candidates(setup.edits, setup.other_records, setup.extra_neighbour_prompts)
-    subject_pool = subject_neighbour_candidates(setup.edits, setup.other_records)
+    allowed = learning_pool(setup.edits, setup.other_records, setup.extra_neighbour_prompts)
+    pool, subject_pool = allowed.neighbour_prompts, allowed.subject_prompts
     model = apply_svf(setup.model, config.svf_config(), progress=False)
     return setup, model, pristine, config, pool, subject_pool
 
