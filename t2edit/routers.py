@@ -9,6 +9,7 @@
 |------------|---------------------------------------------------------|--------------------------------------------|
 | embedding  | last-token state vs each expert's keys (nearest wins)    | the experts' own keys and thresholds       |
 | scope      | the edited subject's and relation's tokens, soft-matched | edit prompts + subjects; negatives         |
+| scope-split| scope, subject and relation parts calibrated apart      | edit prompts + subjects + targets; negatives |
 | hybrid     | scope, else embedding                                    | both                                       |
 | classifier | a linear probe on the last-token state, "none" class     | edit prompts (class k), negatives ("none") |
 | prompt     | the model's own likelihood of each expert's description  | nothing (Transformer²'s first strategy)    |
@@ -144,10 +145,13 @@ class ScopeRouter(ExpertRouter):
 
     name = "scope"
 
-    def __init__(self, layer: int = 0, margin: float = 0.1, threshold: float | None = None, quantile: float = 1.0):
+    def __init__(self, layer: int = 0, margin: float = 0.1, threshold: float | None = None, quantile: float = 1.0,
+                 subject_layer: int | None = None):
         # quantile < 1 calibrates on that quantile of the negatives' scores instead of the highest one: KnowEdit
         # repeats some (subject, relation) pairs across records, and one such negative scores 1.0 (measured).
         self.layer, self.margin, self.fixed_threshold, self.quantile = layer, margin, threshold, quantile
+        # The subject's tokens may be keyed at another layer than the relation's (aliases share meaning, not tokens).
+        self.subject_layer = layer if subject_layer is None else subject_layer
 
     def fit(self, model, tokenizer=None, negatives=(), **_):
         super().fit(model)
@@ -173,6 +177,7 @@ class ScopeRouter(ExpertRouter):
             enc = tokenizer(prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
             pb = model.pass1(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
             states = F.normalize(pb.hidden_states[self.layer].float(), dim=-1).cpu()
+            subject_states = F.normalize(pb.hidden_states[self.subject_layer].float(), dim=-1).cpu()
             for row, (_, e) in enumerate(batch_edits):
                 start = e["prompt"].index(e["subject"])
                 end = start + len(e["subject"])
@@ -184,7 +189,7 @@ class ScopeRouter(ExpertRouter):
                         continue
                     (subj if a < end and b > start else rel).append(pos)
                 ids = enc["input_ids"][row]
-                self.subject_keys.append((states[row, subj], self.idf(ids[subj].tolist())))
+                self.subject_keys.append((subject_states[row, subj], self.idf(ids[subj].tolist())))
                 self.relation_keys.append((states[row, rel], self.idf(ids[rel].tolist())))
         if self.fixed_threshold is not None:
             self.threshold = self.fixed_threshold
@@ -227,18 +232,108 @@ class ScopeRouter(ExpertRouter):
             out.append(torch.where(empty[start:start + step], torch.ones_like(recall), recall))
         return torch.cat(out, -1)
 
-    def _scores(self, batch: PromptBatch) -> torch.Tensor:
-        """[batch, n_edits] of min(subject score, relation score)."""
+    def _parts(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([batch, n_edits] subject scores, [batch, n_edits] relation scores)."""
         query = F.normalize(batch.hidden_states[self.layer].float(), dim=-1)
+        subject_query = F.normalize(batch.hidden_states[self.subject_layer].float(), dim=-1)
         mask = batch.prompt_mask().to(query.device)
         subject, relation = self._packed(query.device)
-        return torch.minimum(self._recall_all(*subject, query, mask),
-                             self._recall_all(*relation, query, mask)).cpu()
+        return (self._recall_all(*subject, subject_query, mask).cpu(),
+                self._recall_all(*relation, query, mask).cpu())
+
+    def _scores(self, batch: PromptBatch) -> torch.Tensor:
+        """[batch, n_edits] of min(subject score, relation score)."""
+        return torch.minimum(*self._parts(batch))
 
     def weights(self, batch):
         scores = self._scores(batch)
         best_score, best_edit = scores.max(-1)
         choice = torch.where(best_score >= self.threshold, self.owner[best_edit], torch.tensor(-1))
+        self.last_scores = best_score
+        return one_hot_choice(choice, self.num_experts)
+
+
+class SplitScopeRouter(ScopeRouter):
+    """The scope router with its subject part and relation part calibrated apart, on the negatives that test each.
+
+    One threshold on min(subject, relation) went to its cap on KnowEdit (README): a negative that restates an
+    edit's own question (KnowEdit repeats subject-relation pairs across records) scores 1.0 on both parts. Here,
+    per (negative, edit) pair: pairs scoring ≥ `restated` on both parts restate the edit and calibrate nothing; the
+    subject threshold sits `margin` above the highest subject score of negatives asking the edited relation
+    (relation score ≥ `restated`) about another subject; the relation threshold sits `margin` above the highest
+    relation score of negatives whose subject passes (the edited subject asked about another relation). So no
+    kept negative routes, by construction. A prompt that holds the edit's new answer (recall of the target's
+    tokens ≥ `target_veto`, e.g. "…, which is not <new answer>, is") asks about the answer, not the fact, and is
+    left alone; `target_veto=None` turns this off. Needs each edit's subject and target (`annotate_expert`)."""
+
+    name = "scope-split"
+
+    def __init__(self, layer: int = 0, subject_layer: int | None = None, margin: float = 0.1, quantile: float = 1.0,
+                 restated: float = 0.98, target_veto: float | None = 0.9):
+        super().__init__(layer=layer, margin=margin, quantile=quantile, subject_layer=subject_layer)
+        self.restated, self.target_veto = restated, target_veto
+
+    def fit(self, model, tokenizer=None, negatives=(), **kwargs):
+        self.fixed_threshold = 0.0  # the parent builds the keys; the thresholds are set below
+        super().fit(model, tokenizer, negatives, **kwargs)
+        edits = [e for es in expert_edits(model) for e in es]
+        self.target_keys = None
+        if self.target_veto is not None:
+            if any(not e.get("target") for e in edits):
+                raise ValueError("the scope-split router's target veto needs each edit's target in the expert's info "
+                                 "(t2edit.routers.annotate_expert), or pass target_veto=None")
+            keys, special = [], set(tokenizer.all_special_ids)
+            for batch in encode(model, tokenizer, [" " + e["target"] for e in edits]):
+                states = F.normalize(batch.hidden_states[self.layer].float(), dim=-1).cpu()
+                for row, (ids, mask) in enumerate(zip(batch.input_ids.tolist(), batch.prompt_mask().tolist())):
+                    pos = [p for p, (i, m) in enumerate(zip(ids, mask)) if m and i not in special]
+                    keys.append((states[row, pos], self.idf([ids[p] for p in pos])))
+            self.target_keys = keys
+            self._target_cache = (None,)
+        self.subject_threshold = self.relation_threshold = 0.8  # without negatives: a default
+        self.dropped = 0
+        if negatives:
+            parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives))]
+            subject, relation = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            restating = (subject >= self.restated) & (relation >= self.restated)
+            self.dropped = int(restating.any(-1).sum())
+            other_subject = subject[(relation >= self.restated) & ~restating]
+            if len(other_subject):
+                self.subject_threshold = self._above(other_subject)
+            other_relation = relation[(subject >= self.subject_threshold) & ~restating]
+            if len(other_relation):
+                self.relation_threshold = self._above(other_relation)
+        self.threshold = (self.subject_threshold, self.relation_threshold)
+        return self
+
+    def _above(self, scores: torch.Tensor) -> float:
+        closest = scores.float().quantile(self.quantile).item() if len(scores) < 1 << 24 else scores.max().item()
+        return min(closest + self.margin * (1 - closest), 1 - 1e-4)
+
+    def _target_scores(self, batch) -> torch.Tensor:
+        query = F.normalize(batch.hidden_states[self.layer].float(), dim=-1)
+        if self._target_cache[0] != query.device:
+            width = max([1] + [len(k) for k, _ in self.target_keys])
+            vectors = torch.zeros(len(self.target_keys), width, query.shape[-1])
+            weights = torch.zeros(len(self.target_keys), width)
+            for e, (k, w) in enumerate(self.target_keys):
+                vectors[e, :len(k)], weights[e, :len(k)] = k, w
+            empty = torch.tensor([len(k) == 0 for k, _ in self.target_keys])
+            self._target_cache = (query.device, (vectors.to(query.device), weights.to(query.device),
+                                                 empty.to(query.device)))
+        vectors, weights, empty = self._target_cache[1]
+        # An empty target never vetoes.
+        recall = self._recall_all(vectors, weights, empty, query, batch.prompt_mask().to(query.device)).cpu()
+        return torch.where(empty.cpu()[None], torch.zeros_like(recall), recall)
+
+    def weights(self, batch):
+        subject, relation = self._parts(batch)
+        passing = (subject >= self.subject_threshold) & (relation >= self.relation_threshold)
+        if self.target_keys is not None:
+            passing &= self._target_scores(batch) < self.target_veto
+        scores = torch.where(passing, torch.minimum(subject, relation), torch.full_like(subject, -1.0))
+        best_score, best_edit = scores.max(-1)
+        choice = torch.where(best_score >= 0, self.owner[best_edit], torch.tensor(-1))
         self.last_scores = best_score
         return one_hot_choice(choice, self.num_experts)
 
@@ -481,9 +576,9 @@ class OracleRouter(ExpertRouter):
         return out
 
 
-ROUTERS = {"embedding": EmbeddingRouter, "scope": ScopeRouter, "hybrid": HybridRouter, "classifier": ClassifierRouter,
+ROUTERS = {"embedding": EmbeddingRouter, "scope": ScopeRouter, "scope-split": SplitScopeRouter, "hybrid": HybridRouter, "classifier": ClassifierRouter,
            "prompt": PromptRouter, "cem": CEMRouter, "uniform": UniformRouter, "oracle": OracleRouter}
-AUTOMATIC = ("embedding", "scope", "hybrid", "classifier", "prompt", "cem")
+AUTOMATIC = ("embedding", "scope", "scope-split", "hybrid", "classifier", "prompt", "cem")
 
 
 def get_router(name: str, **kwargs) -> ExpertRouter:
@@ -499,5 +594,5 @@ def annotate_expert(expert, records) -> None:
 
 
 __all__ = ["AUTOMATIC", "CEMRouter", "ClassifierRouter", "EmbeddingRouter", "ExpertRouter", "FixedRouter", "HybridRouter",
-           "OracleRouter", "PromptRouter", "ROUTERS", "ScopeRouter", "UniformRouter", "annotate_expert",
+           "OracleRouter", "PromptRouter", "ROUTERS", "ScopeRouter", "SplitScopeRouter", "UniformRouter", "annotate_expert",
            "edits_of", "expert_edits", "get_router", "one_hot_choice"]

@@ -16,7 +16,8 @@ NEGATIVES = ["The occupation of Piet Zelmere is", "The spouse of Vesna Corwick i
              "The occupation of Emeric Halholt is", "The capital of Quorland is", "The employer of Orla Jorwick is"]
 TEXTS = [r.prompt + " " + r.target for r in EDITS] + [n + " x" for n in NEGATIVES] + [
     "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is architect",
-    "Question: \nThe question is about: none of these , sculptor painter architect"]
+    "Question: \nThe question is about: none of these , sculptor painter architect",
+    "The spouse of Piet Zelmere which is not Orla Jorwick is"]
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def _route(model, tokenizer, prompts):
     return model.route(batch["input_ids"], batch["attention_mask"])
 
 
-@pytest.mark.parametrize("name", ["embedding", "scope", "classifier"])
+@pytest.mark.parametrize("name", ["embedding", "scope", "scope-split", "classifier"])
 def test_automatic_routers_send_edit_prompts_to_their_expert_and_negatives_nowhere(adaptive_factory, name):
     make, tokenizer = adaptive_factory
     model = make(get_router(name))

@@ -1,0 +1,55 @@
+"""The scope-split router: subject and relation calibrated apart, on the tiny world of test_routers."""
+import pytest
+
+from t2edit.routers import ScopeRouter, SplitScopeRouter, get_router
+from tests.test_routers import EDITS, NEGATIVES, _route, adaptive_factory  # noqa: F401  (the fixture)
+
+ALIAS, TWO_HOP = "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is"
+OTHER_RELATION, OTHER_SUBJECT = "The occupation of Piet Zelmere is", "The spouse of Emeric Halholt is"
+# A negative that restates edit 0's own question (KnowEdit repeats subject-relation pairs across records).
+RESTATING = NEGATIVES + ["The spouse of Piet Zelmere is"]
+FORGETFULNESS = "The spouse of Piet Zelmere which is not Orla Jorwick is"  # the tiny tokenizer splits on spaces only
+
+
+def test_scope_split_routes_an_alias_and_a_two_hop_question_but_not_another_relation_or_subject(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    model = make(get_router("scope-split"))
+    weights = _route(model, tokenizer, [ALIAS, TWO_HOP, OTHER_RELATION, OTHER_SUBJECT])
+    assert weights[:, 0].tolist() == [1, 1, 0, 0], (weights, model.router.threshold)
+    assert (weights[2:, -1] == 1).all()
+
+
+def test_a_negative_restating_the_edit_caps_scope_but_not_scope_split(adaptive_factory):
+    """One min-threshold goes to its cap (then only prompts holding every edit token route); the split thresholds
+    drop the restating negative, stay below the cap, and still route the two-hop question while leaving the
+    edited subject's other relation and the edited relation's other subject alone."""
+    make, tokenizer = adaptive_factory
+    from t2edit.adaptation import AdaptiveModel
+
+    base = make(get_router("uniform"))
+    capped = AdaptiveModel(base.svf_model, base.experts, ScopeRouter(), tokenizer, negatives=RESTATING)
+    split = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=RESTATING)
+    assert capped.router.threshold == pytest.approx(1 - 1e-4)
+    assert split.router.dropped == 1
+    assert max(split.router.threshold) < 0.999
+    weights = _route(split, tokenizer, [ALIAS, TWO_HOP, OTHER_RELATION, OTHER_SUBJECT])
+    assert weights[:, 0].tolist() == [1, 1, 0, 0], (weights, split.router.threshold)
+
+
+def test_scope_split_leaves_a_prompt_holding_the_new_answer_alone_unless_told_not_to(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    vetoing = make(get_router("scope-split"))
+    assert _route(vetoing, tokenizer, [FORGETFULNESS, EDITS[0].prompt])[:, 0].tolist() == [0, 1]
+    plain = make(get_router("scope-split", target_veto=None))
+    assert _route(plain, tokenizer, [FORGETFULNESS])[0, 0] == 1
+
+
+def test_scope_split_target_veto_needs_targets(adaptive_factory):
+    make, tokenizer = adaptive_factory
+    model = make(get_router("uniform"))
+    for expert in model.experts:
+        for edit in expert.info["edits"]:
+            edit["target"] = ""
+    with pytest.raises(ValueError, match="target"):
+        SplitScopeRouter().fit(model, tokenizer, NEGATIVES)
+    assert SplitScopeRouter(target_veto=None).fit(model, tokenizer, NEGATIVES).target_keys is None
