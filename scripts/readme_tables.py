@@ -72,10 +72,12 @@ TABLES = [
           "writes `runs/sequential/sequential.json`, the `curve` of `results/sequential_world.json`; the table "
           "shows the points listed in its `shown_edits`"),
     Table("routing-smollm2", "results/routing_smollm2.json",
-          "routing_rates(model, tokenizer, records, negatives, held_out)", "",
-          "no single command: a Python call of `t2edit.evaluation.composition.routing_rates` (its defaults: routers "
-          "embedding and scope, margin 0.5; ScopeRouter's: layer 0, margin 0.1) on the model and prompts described "
-          "above; each row's `rates` is its returned dict for that router"),
+          "python scripts/routing_rates_real.py --routers embedding scope scope-split split-rm3=scope-split "
+          "split-rm5=scope-split split-mid=scope-split --router-kwargs '{\"split-rm3\": {\"relation_margin\": 0.3}, "
+          "\"split-rm5\": {\"relation_margin\": 0.5}, \"split-mid\": {\"subject_layer\": 10}}'",
+          "runs/routing_smollm2.json",
+          "writes `runs/routing_smollm2.json` in this format (labels: the names given; the first two rows were "
+          "measured by the same `t2edit.evaluation.composition.routing_rates` call before the script existed)"),
     Table("sync-bytes", "t2edit/rollouts.py", "python scripts/readme_tables.py", "",
           "computed here by `t2edit.rollouts.sync_bytes` and `t2edit.vllm_worker.encode_z`; no results file"),
     Table("gpu-smoke", "results/gpu_smoke_h100.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20', "",

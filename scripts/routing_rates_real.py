@@ -3,7 +3,7 @@ expert each; negatives from records that are neither edited nor evaluated (their
 edited subjects asked about those records' relations, via `t2edit.leakage.learning_pool`); held-out facts = edit
 prompts of other records. Writes the rates per router as JSON.
 
-    python scripts/routing_rates_real.py --routers embedding scope scope-split --out results/routing_smollm2.json
+    python scripts/routing_rates_real.py --routers embedding scope scope-split --out runs/routing_smollm2.json
 """
 import argparse
 import json
@@ -26,7 +26,9 @@ def main(argv=None):
     ap.add_argument("--routers", nargs="+", default=["embedding", "scope", "scope-split"],
                     help="router names, or label=name to run one router under several settings")
     ap.add_argument("--router-kwargs", default="{}", help='JSON: {"label or router name": {kwarg: value}}')
-    ap.add_argument("--out", default="results/routing_smollm2.json")
+    ap.add_argument("--out", default="runs/routing_smollm2.json",
+                    help="JSON {provenance, rows: [{router, label, rates}]} as results/routing_smollm2.json; rows "
+                         "of the same label are replaced")
     args = ap.parse_args(argv)
     records = load_records(args.data)
     edits = records[:args.edits]
@@ -45,9 +47,10 @@ def main(argv=None):
         rendered = {k: (round(v["to_right_expert"], 2), round(v["routed"], 2)) for k, v in row.items()
                     if isinstance(v, dict)}
         print(label, "threshold", row.get("threshold"), rendered, flush=True)
-        table = json.loads(out.read_text()) if out.exists() else {}
-        table[label] = {"router": name, "kwargs": kwargs, "command": " ".join(["python"] + sys.argv),
-                        "negatives": len(negatives), **row}
+        table = json.loads(out.read_text()) if out.exists() else {"provenance": f"{args.model}, {args.data}", "rows": []}
+        table["rows"] = [r for r in table["rows"] if r["label"] != label] + [
+            {"router": name, "label": label, "kwargs": kwargs, "command": " ".join(["python"] + sys.argv),
+             "negatives": len(negatives), "rates": row}]
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(table, indent=1))
         tmp.replace(out)
