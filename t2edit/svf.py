@@ -225,7 +225,7 @@ class _SpectralLinear(torch.autograd.Function):
     """y = ((x V) ⊙ σ) Uᵀ + b through the factors, for training. Against the merged weight W' = U diag(σ) Vᵀ it
     needs no W' per step and less arithmetic: the backward's g U is shared by σ's gradient (Σ_t (g U) ⊙ (x V)) and
     x's ((g U) ⊙ σ) Vᵀ, so forward + backward cost 2·r·(in + out) multiply-adds per token instead of
-    2·in·out + r·(in + out) (r = min(in, out): 20 % less on a 576×1536 MLP matrix, equal on square ones)."""
+    2·in·out + r·(in + out) (r = min(in, out): 18 % less on a 576×1536 MLP matrix, equal on square ones)."""
 
     @staticmethod
     def forward(ctx, x, sigma, U, Vh, bias):
