@@ -20,7 +20,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/work/shared/data/knowedit/train_cf.json")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--edits", type=int, default=50, help="records [0, edits) are edited")
+    ap.add_argument("--first", type=int, default=0, help="first edited record")
+    ap.add_argument("--edits", type=int, default=50, help="records [first, first + edits) are edited")
     ap.add_argument("--negatives-from", type=int, nargs=2, default=(100, 300), help="records for the negatives")
     ap.add_argument("--held-out-from", type=int, nargs=2, default=(300, 400), help="records for held-out facts")
     ap.add_argument("--routers", nargs="+", default=["embedding", "scope", "scope-split"],
@@ -31,7 +32,7 @@ def main(argv=None):
                          "of the same label are replaced")
     args = ap.parse_args(argv)
     records = load_records(args.data)
-    edits = records[:args.edits]
+    edits = records[args.first:args.first + args.edits]
     pool = learning_pool(edits, records[slice(*args.negatives_from)])
     negatives = pool.neighbour_prompts[:400] + pool.subject_prompts[:400]
     held_out = [r.prompt for r in records[slice(*args.held_out_from)]]

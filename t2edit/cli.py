@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated: none,svf,svf-always,lora,ft,ike,prompt (svf: two-pass, the "
                                "expert where its router says; svf-always: the expert on every prompt)")
     evaluate.add_argument("--expert", default=None, help="trained expert directory for the svf methods")
+    evaluate.add_argument("--router", default=None,
+                          help="method svf: route with this t2edit.routers router (e.g. scope-split, fitted on the "
+                               "training side) instead of the expert's own embedding router")
     evaluate.add_argument("--n", type=int, default=None, help="number of records to edit (default: all)")
     evaluate.add_argument("--train-data", default=None,
                           help="training split: IKE demonstrations, SVF neighbours and router negatives come from "
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data)
             run_eval(setup, args.method, args.out, expert_dir=args.expert, mode=args.mode,
-                     fluency=not args.no_fluency)
+                     fluency=not args.no_fluency, router=args.router)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
         print(f"t2edit {args.command}: error: {error}", file=sys.stderr)
         return 2

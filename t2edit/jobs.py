@@ -80,7 +80,7 @@ def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None
 
 
 def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,
-                output_dir: str = "runs/eval", trained_experts: dict | None = None):
+                output_dir: str = "runs/eval", trained_experts: dict | None = None, router: str | None = None):
     from t2edit.baselines import get_editor
 
     if method in ("svf", "svf-always"):
@@ -90,9 +90,14 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
         config = train_config or apply_preset(TrainConfig(
             model=None if setup.world_report is not None else setup.model_name,
             output_dir=str(Path(output_dir) / "svf"), progress=False))
+        negatives = ()
+        if router and method == "svf":
+            from t2edit.evaluation.composition import negatives_for
+
+            negatives = negatives_for(setup, setup.edits)
         return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
                          neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf",
-                         trained_experts=trained_experts)
+                         trained_experts=trained_experts, router=router, router_negatives=negatives)
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
     if method in ("ft", "lora"):  # settings by kind of model: fact world, small or large real model
@@ -103,9 +108,18 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
 
 
 def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: str | None = None,
-             mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True):
+             mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True,
+             router: str | None = None):
     from t2edit.evaluation import evaluate_editor, format_table, write_results
 
+    if router is not None:
+        from t2edit.routers import AUTOMATIC
+
+        if router not in AUTOMATIC:
+            raise ValueError(f"--router {router!r}: choose one of {', '.join(AUTOMATIC)} (oracle and uniform are "
+                             f"references of --composition)")
+        if "svf" not in methods:
+            raise ValueError("--router applies to method svf; add svf to --method")
     if expert_dir and {"svf", "svf-always"} & set(methods):
         from t2edit.experts import Expert
         from t2edit.leakage import check_expert_may_score
@@ -113,7 +127,7 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
         check_expert_may_score(Expert.from_pretrained(expert_dir).info, setup.edits, expert_dir)
     results, trained_experts = [], {}  # svf and svf-always score the same trained experts
     for method in methods:
-        editor = make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts)
+        editor = make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts, router)
         print(f"[t2edit] evaluating {method} on {len(setup.edits)} edits ({mode} mode)", flush=True)
         # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
         batch_size = 64 if setup.world_report is not None else 16

@@ -221,6 +221,14 @@ class SVDCache:
 # The SVF layer
 # ----------------------------------------------------------------------------------------------------------------
 
+def _through_factors(x: torch.Tensor, sigma: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor):
+    """(x V, ((x V) ⊙ σ) Uᵀ) in the factors' dtype; σ is [rank], or [batch, rank] for one σ per row of the batch."""
+    h = x.to(Vh.dtype) @ Vh.T
+    if sigma.dim() == 2:
+        sigma = sigma.view((sigma.shape[0],) + (1,) * (x.dim() - 2) + (sigma.shape[-1],))
+    return h, (h * sigma.to(h.dtype)) @ U.T
+
+
 class _SpectralLinear(torch.autograd.Function):
     """y = ((x V) ⊙ σ) Uᵀ + b through the factors, for training. Against the merged weight W' = U diag(σ) Vᵀ it
     needs no W' per step and less arithmetic: the backward's g U is shared by σ's gradient (Σ_t (g U) ⊙ (x V)) and
@@ -230,10 +238,8 @@ class _SpectralLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sigma, U, Vh, bias):
         # U and Vh come in the dtype the matmuls run in (bf16 copies under autocast).
-        h = x.to(Vh.dtype) @ Vh.T
-        sigma_c = sigma.to(h.dtype)
-        out = (h * sigma_c) @ U.T
-        ctx.save_for_backward(h, sigma_c, U, Vh)
+        h, out = _through_factors(x, sigma, U, Vh)
+        ctx.save_for_backward(h, sigma.to(h.dtype), U, Vh)
         ctx.x_dtype = x.dtype
         return out + bias if bias is not None else out
 
@@ -303,9 +309,7 @@ class SVFLinear(nn.Module):
     def forward_row_sigma(self, x: torch.Tensor, sigma_rows: torch.Tensor) -> torch.Tensor:
         """y = ((x V) ⊙ σ_row) Uᵀ + b with σ_row [batch, rank]: every row of the batch gets its own singular
         values through the shared factors, so no weight is built or copied per expert or per mixture."""
-        shape = (sigma_rows.shape[0],) + (1,) * (x.dim() - 2) + (sigma_rows.shape[-1],)
-        h = (x.to(self.Vh.dtype) @ self.Vh.T) * sigma_rows.to(self.Vh.dtype).view(shape)
-        out = (h @ self.U.T).to(x.dtype)
+        out = _through_factors(x, sigma_rows, self.U, self.Vh)[1].to(x.dtype)
         bias = self.base_layer.bias
         return out + bias if bias is not None else out
 

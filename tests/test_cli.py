@@ -60,6 +60,35 @@ def test_eval_expert_scores_its_own_edits(world_and_expert, tmp_path):
     assert [row["n_records"] for row in (rows.values() if isinstance(rows, dict) else rows)] == [4]
 
 
+def test_eval_routes_an_expert_with_a_named_router(world_and_expert, tmp_path, capsys):
+    """--router scope-split scores method svf two-pass behind that router, fitted on training-side prompts: edit
+    prompts reach the expert, locality prompts run the unedited model exactly (the expert alone moves them)."""
+    from t2edit.jobs import load_setup, make_editor
+
+    world, data, expert = world_and_expert
+    assert main(["eval", "--model", world, "--data", data, "--method", "svf-always,svf", "--expert",
+                 str(expert), "--router", "scope-split", "--n", "4", "--no-fluency", "--out",
+                 str(tmp_path / "out")]) == 0
+    rows = {row["method"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["methods"]}
+    assert set(rows) == {"svf-always", "svf (scope-split)"}
+    assert rows["svf (scope-split)"]["locality"] == 1.0 > rows["svf-always"]["locality"]
+
+    setup = load_setup(world, data, 0, 4)
+    edited = make_editor("svf", setup, str(expert), router="scope-split").edit(setup.model, setup.tokenizer,
+                                                                              setup.edits)
+    locality = [p.prompt for r in setup.edits for ps in r.locality.values() for p in ps]
+    batch = setup.tokenizer([r.prompt for r in setup.edits] + locality, return_tensors="pt", padding=True)
+    weights = edited.model.route(batch["input_ids"], batch["attention_mask"])
+    edited.restore()
+    assert weights[:4, 0].tolist() == [1.0] * 4 and weights[4:, -1].tolist() == [1.0] * len(locality)
+
+
+def test_eval_refuses_a_router_that_needs_labels(world_and_expert, tmp_path, capsys):
+    assert _eval_expert(world_and_expert, tmp_path, "--n", "4", "--router", "oracle") == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "--router 'oracle'" in err[0] and "scope-split" in err[0], err
+
+
 def test_eval_expert_refuses_records_it_did_not_edit(world_and_expert, tmp_path, capsys):
     code = _eval_expert(world_and_expert, tmp_path)  # no --n: all 12 records, 8 of them not the expert's edits
     err = _errors(capsys)

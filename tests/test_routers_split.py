@@ -31,7 +31,7 @@ def test_a_negative_restating_the_edit_caps_scope_but_not_scope_split(adaptive_f
     split = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=RESTATING)
     assert capped.router.threshold == pytest.approx(1 - 1e-4)
     assert split.router.dropped == 1
-    assert max(split.router.threshold) < 0.999
+    assert max(split.router.subject_threshold.max().item(), split.router.relation_threshold) < 0.999
     weights = _route(split, tokenizer, [ALIAS, TWO_HOP, OTHER_RELATION, OTHER_SUBJECT])
     assert weights[:, 0].tolist() == [1, 1, 0, 0], (weights, split.router.threshold)
 
@@ -53,3 +53,22 @@ def test_scope_split_target_veto_needs_targets(adaptive_factory):
     with pytest.raises(ValueError, match="target"):
         SplitScopeRouter().fit(model, tokenizer, NEGATIVES)
     assert SplitScopeRouter(target_veto=None).fit(model, tokenizer, NEGATIVES).target_keys is None
+
+
+def test_each_edits_subject_is_calibrated_on_its_own_look_alikes(adaptive_factory):
+    """A negative about another "Piet" raises edit 0's subject bar (so that Piet no longer routes) and leaves edit
+    1's alone (its alias with an added initial still routes)."""
+    make, tokenizer = adaptive_factory
+    from t2edit.adaptation import AdaptiveModel
+
+    base = make(get_router("uniform"))
+    look_alike = "The capital of Piet Halholt is"  # shares "Piet" with edit 0's subject, nothing with edit 1's
+    plain = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=NEGATIVES)
+    other_piet = "The spouse of Piet Halholt is"
+    assert _route(plain, tokenizer, [other_piet])[0, 0] == 1  # what the look-alike negative is there to stop
+    split = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer,
+                          negatives=NEGATIVES + [look_alike])
+    before, after = plain.router.subject_threshold.tolist(), split.router.subject_threshold.tolist()
+    assert after[0] > before[0] and after[1] == pytest.approx(before[1])
+    weights = _route(split, tokenizer, [other_piet, "The occupation of Vesna L. Corwick is", EDITS[0].prompt])
+    assert weights.argmax(-1).tolist() == [2, 1, 0], (weights, after)

@@ -27,6 +27,9 @@ class SVFEditor(Editor):
     `route=True` (method "svf") answers in two passes: the expert applies only to prompts its router picks
     (t2edit.routing); `route=False` (method "svf-always") applies it to every prompt.
 
+    `router`: with `route=True`, the name of a `t2edit.routers` router to use instead of the expert's own (e.g.
+    "scope-split"), fitted on the expert's edits and on `router_negatives` (training-side prompts only).
+
     `trained_experts`: a dict shared by the "svf" and "svf-always" editors of one evaluation, so the expert for a
     set of edits is trained once and scored both ways (keyed by the edits' prompts and targets)."""
 
@@ -34,10 +37,11 @@ class SVFEditor(Editor):
 
     def __init__(self, config: TrainConfig | None = None, expert_dir: str | None = None,
                  neighbour_records: list[EditRecord] = (), neighbour_prompts: list[str] = (), route: bool = True,
-                 trained_experts: dict | None = None, **overrides):
+                 trained_experts: dict | None = None, router: str | None = None, router_negatives=(), **overrides):
         self.config = config or TrainConfig(**overrides)
         self.route = route
-        self.name = "svf" if route else "svf-always"
+        self.router, self.router_negatives = (router if route else None), list(router_negatives)
+        self.name = ("svf" if route else "svf-always") + (f" ({self.router})" if self.router else "")
         self.expert_dir = expert_dir
         self.neighbour_records = list(neighbour_records)
         self.neighbour_prompts = list(neighbour_prompts)
@@ -67,6 +71,13 @@ class SVFEditor(Editor):
         svf_model.eval()
         if not self.route:
             return EditedModel(model=svf_model, restore=svf_model.unload)
+        if self.router:
+            from t2edit.adaptation import AdaptiveModel
+            from t2edit.routers import get_router
+
+            adaptive = AdaptiveModel(svf_model, [expert], get_router(self.router), tokenizer,
+                                     negatives=self.router_negatives)
+            return EditedModel(model=adaptive.eval(), restore=svf_model.unload)
         if expert.router is None:
             svf_model.unload()
             raise ValueError(f"the expert in {self.expert_dir} has no router (a mixture, or trained by an older "
