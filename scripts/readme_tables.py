@@ -57,7 +57,11 @@ TABLES = [
           "--n-edits 50 --objectives reinforce --out runs/objectives && "
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 50 "
           "--method none,svf,svf-always,lora,ft,ike,prompt --expert runs/objectives/reinforce/expert "
-          "--out runs/smollm2-batch50", "runs/smollm2-batch50/results.json"),
+          "--out runs/smollm2-batch50 && t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json "
+          "--n 50 --method svf --router scope-split --expert runs/objectives/reinforce/expert "
+          "--out runs/smollm2-batch50-scope-split", "runs/smollm2-batch50/results.json",
+          "writes `runs/smollm2-batch50/results.json`, and the row `svf (scope-split)` into "
+          "`runs/smollm2-batch50-scope-split/results.json`"),
     Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single "
           "--method none,svf,svf-always,lora,ft,ike,prompt --no-fluency --out runs/single20",
@@ -72,12 +76,13 @@ TABLES = [
           "writes `runs/sequential/sequential.json`, the `curve` of `results/sequential_world.json`; the table "
           "shows the points listed in its `shown_edits`"),
     Table("routing-smollm2", "results/routing_smollm2.json",
-          "python scripts/routing_rates_real.py --routers embedding scope scope-split split-rm3=scope-split "
-          "split-rm5=scope-split split-mid=scope-split --router-kwargs '{\"split-rm3\": {\"relation_margin\": 0.3}, "
-          "\"split-rm5\": {\"relation_margin\": 0.5}, \"split-mid\": {\"subject_layer\": 10}}'",
+          "python scripts/routing_rates_real.py --routers embedding scope scope-split",
           "runs/routing_smollm2.json",
           "writes `runs/routing_smollm2.json` in this format (labels: the names given; the first two rows were "
-          "measured by the same `t2edit.evaluation.composition.routing_rates` call before the script existed)"),
+          "measured by the same `t2edit.evaluation.composition.routing_rates` call before the script existed; the "
+          "v1 rows by `--routers scope-split split-rm3=scope-split split-rm5=scope-split split-mid=scope-split "
+          "--router-kwargs '{\"split-rm3\": {\"relation_margin\": 0.3}, \"split-rm5\": {\"relation_margin\": 0.5}, "
+          "\"split-mid\": {\"subject_layer\": 10}}'` at fd3bf32, before per-edit subject thresholds)"),
     Table("sync-bytes", "t2edit/rollouts.py", "python scripts/readme_tables.py", "",
           "computed here by `t2edit.rollouts.sync_bytes` and `t2edit.vllm_worker.encode_z`; no results file"),
     Table("gpu-smoke", "results/gpu_smoke_h100.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20', "",
@@ -118,8 +123,12 @@ def _method_block(payload: dict) -> list[str]:
     def seconds(r) -> str:
         text = f"{r.method} {r.extra['edit_seconds'] / r.n_records:.1f}"
         # An SVF row evaluated with a trained expert only loads it: its training time is not an edit time of 0.
-        if r.method.startswith("svf") and r.extra["edit_seconds"] / r.n_records < 1.0:
-            text += " (expert trained beforehand, loaded)"
+        loaded = r.extra.get("expert") == "loaded" or (r.method.startswith("svf") and "expert" not in r.extra and
+                                                       r.extra["edit_seconds"] / r.n_records < 1.0)
+        if loaded:
+            text += " (expert trained beforehand, loaded" + (
+                f"; router fitted in {r.extra['router_fit_seconds']:.0f} s" if "router_fit_seconds" in r.extra else
+                "; includes fitting the router" if r.method.startswith("svf (") else "") + ")"
         return text
 
     per_edit = [seconds(r) for r in results

@@ -269,6 +269,7 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
         "n_probes_skipped": skipped + n_unscorable,
         "edit_seconds": edit_seconds,
         "pre_edit_seconds": pre_edit_seconds,
+        **getattr(editor, "report", {}),  # what an editor says about its own edit (e.g. SVF: expert loaded)
     }
     if "generalization" in tables:
         extra["generalization"] = _knowedit_mean(tables["generalization"])

@@ -2,6 +2,7 @@
 `scripts/train_rl.py` entry point."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,9 +49,11 @@ class SVFEditor(Editor):
         self.last_trainer: SVFTrainer | None = None
         self.calls = 0
         self.trained_experts = {} if trained_experts is None else trained_experts
+        self.report: dict = {}  # merged into the evaluation's `extra`: whether the expert was loaded or trained
 
     def edit(self, model, tokenizer, records):
         key = tuple((r.prompt, tuple(r.target_new)) for r in records)
+        self.report = {"expert": "loaded" if self.expert_dir else "trained"}
         if self.expert_dir:
             expert = Expert.from_pretrained(self.expert_dir)
             svf_model = expert.load_into(model)
@@ -75,8 +78,10 @@ class SVFEditor(Editor):
             from t2edit.adaptation import AdaptiveModel
             from t2edit.routers import get_router
 
+            started = time.perf_counter()
             adaptive = AdaptiveModel(svf_model, [expert], get_router(self.router), tokenizer,
                                      negatives=self.router_negatives)
+            self.report["router_fit_seconds"] = round(time.perf_counter() - started, 2)
             return EditedModel(model=adaptive.eval(), restore=svf_model.unload)
         if expert.router is None:
             svf_model.unload()
