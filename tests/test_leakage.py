@@ -112,6 +112,11 @@ def test_no_scored_prompt_reaches_training_ike_or_the_router_on_the_real_paths(l
                               ("router negatives", router_negatives)):
             leaked = sorted(p for p in prompts if prompt_key(p) in scored)
             assert not leaked, f"{what} hold prompts the evaluation scores: {leaked}"
+    # `t2edit eval --router NAME` fits that router on these negatives (SVFEditor.edit → AdaptiveModel)
+    named_router_negatives = make_editor("svf", setup, router="scope-split").router_negatives
+    assert named_router_negatives
+    leaked = sorted(p for p in named_router_negatives if prompt_key(p) in scored)
+    assert not leaked, f"the named router's negatives hold prompts the evaluation scores: {leaked}"
     assert shown  # IKE did show demonstrations
     leaked = sorted({p for p in scored_texts for demo in shown if prompt_key(p) in prompt_key(demo)})
     assert not leaked, f"IKE demonstrations show prompts the evaluation scores: {leaked}"
