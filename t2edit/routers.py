@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from t2edit.adaptation import AdaptiveModel, PromptBatch
+from t2edit.text import normalize_answer
 
 
 class ExpertRouter:
@@ -258,18 +259,23 @@ class SplitScopeRouter(ScopeRouter):
     negative about another subject (subject score < `restated`) calibrates it, and each edit gets its own
     threshold, `margin` above the best such negative for that edit: a subject that shares its first name with
     many others ("Mark …") needs more of itself than one that shares nothing, and one look-alike subject ("canton
-    of …") raises only its own edit's bar. Relation: one threshold, `relation_margin` above the best relation
+    of …") raises only its own edit's bar. Whatever the negatives, a prompt must hold more than `subject_floor` of
+    the subject (the threshold starts from at least that): with few negatives, "Jorun Ostvik" would otherwise pass
+    for "Jorun Zelholt" by a shared rare first name (measured on the built-in world's sequential curve). Relation: one threshold, `relation_margin` above the best relation
     score of the negatives whose subject passes (the edited subject asked about another relation). So no kept
-    negative routes, by construction. A prompt that holds the edit's new answer (recall of the target's tokens ≥
-    `target_veto`, e.g. "…, which is not <new answer>, is") asks about the answer, not the fact, and is left
-    alone; `target_veto=None` turns this off. Needs each edit's subject and target (`annotate_expert`)."""
+    negative routes, by construction. A prompt that holds the edit's new answer ("…, which is not <new answer>,
+    is": its words in the prompt's text after answer normalisation, or recall of the target's tokens ≥
+    `target_veto`) asks about the answer, not the fact, and is left alone; `target_veto=None` turns this off. The
+    text check is there for tokenizers that glue punctuation to words (the built-in world's: "Jorwick," is not
+    "Jorwick"). Needs each edit's subject and target (`annotate_expert`)."""
 
     name = "scope-split"
 
     def __init__(self, layer: int = 0, subject_layer: int | None = None, margin: float = 0.1, quantile: float = 1.0,
-                 restated: float = 0.98, target_veto: float | None = 0.9, relation_margin: float | None = 0.7):
+                 restated: float = 0.98, target_veto: float | None = 0.9, relation_margin: float | None = 0.7,
+                 subject_floor: float = 0.6):
         super().__init__(layer=layer, margin=margin, quantile=quantile, subject_layer=subject_layer)
-        self.restated, self.target_veto = restated, target_veto
+        self.restated, self.target_veto, self.subject_floor = restated, target_veto, subject_floor
         # The evaluation asks the edited subject about relations no negative asked, and a relation that differs
         # from the edit's by one common word ("religion which …" / "country which …") keeps most of its weighted
         # tokens, so the relation wants more room than the subject (README, "Routing on SmolLM2-135M").
@@ -286,6 +292,7 @@ class SplitScopeRouter(ScopeRouter):
                                  "(t2edit.routers.annotate_expert), or pass target_veto=None")
             self.target_keys = [(states, self.idf(ids)) for ids, _, states, _ in
                                 self._tokens(model, tokenizer, [" " + e["target"] for e in edits])]
+            self.target_words = [f" {normalize_answer(e['target'])} " for e in edits]
             self._target_cache = (None,)
         self.subject_threshold = torch.full((len(edits),), 0.8)  # without negatives: a default
         self.relation_threshold = 0.8
@@ -296,7 +303,7 @@ class SplitScopeRouter(ScopeRouter):
             restating = (subject >= self.restated) & (relation >= self.restated)
             self.dropped = int(restating.any(-1).sum())
             other_subject = torch.where(subject < self.restated, subject, torch.full_like(subject, math.nan))
-            self.subject_threshold = self._above(other_subject, self.margin)
+            self.subject_threshold = self._above(other_subject.clamp(min=self.subject_floor), self.margin)
             other_relation = relation[(subject >= self.subject_threshold) & ~restating]
             if len(other_relation):
                 self.relation_threshold = float(self._above(other_relation, self.relation_margin))
@@ -331,6 +338,10 @@ class SplitScopeRouter(ScopeRouter):
         passing = (subject >= self.subject_threshold) & (relation >= self.relation_threshold)
         if self.target_keys is not None:
             passing &= self._target_scores(batch) < self.target_veto
+            texts = [f" {normalize_answer(t)} " for t in batch.texts]
+            for row, edit in passing.nonzero().tolist():  # only where the edit would route: few pairs
+                if self.target_words[edit].strip() and self.target_words[edit] in texts[row]:
+                    passing[row, edit] = False
         scores = torch.where(passing, torch.minimum(subject, relation), torch.full_like(subject, -1.0))
         best_score, best_edit = scores.max(-1)
         choice = torch.where(best_score >= 0, self.owner[best_edit], torch.tensor(-1))

@@ -44,6 +44,27 @@ def test_scope_split_leaves_a_prompt_holding_the_new_answer_alone_unless_told_no
     assert _route(plain, tokenizer, [FORGETFULNESS])[0, 0] == 1
 
 
+def test_without_look_alike_negatives_a_shared_first_name_is_not_enough(adaptive_factory):
+    """No negative names another Piet, so the calibrated bar for edit 0 is low; the floor still asks for more of
+    the subject than one of its two names, while an alias that keeps both still routes."""
+    make, tokenizer = adaptive_factory
+    prompts = ["The spouse of Piet Halholt is", ALIAS]
+    assert _route(make(get_router("scope-split", subject_floor=0.0)), tokenizer, prompts)[:, 0].tolist() == [1, 1]
+    floored = make(get_router("scope-split"))
+    assert floored.router.subject_threshold.min() > floored.router.subject_floor
+    assert _route(floored, tokenizer, prompts)[:, 0].tolist() == [0, 1]
+
+
+def test_scope_split_leaves_the_new_answer_alone_when_the_tokenizer_glues_punctuation_to_it(adaptive_factory):
+    """The tiny tokenizer makes "Jorwick," a token of its own, so the target's tokens are not all in the prompt;
+    the answer's words are, and the prompt asks about the answer, not the fact."""
+    make, tokenizer = adaptive_factory
+    glued = "The spouse of Piet Zelmere which is not Orla Jorwick, is"
+    assert "▁Jorwick," in tokenizer.tokenize(glued)
+    assert _route(make(get_router("scope-split", target_veto=None)), tokenizer, [glued])[0, 0] == 1
+    assert _route(make(get_router("scope-split")), tokenizer, [glued, EDITS[0].prompt])[:, 0].tolist() == [0, 1]
+
+
 def test_scope_split_target_veto_needs_targets(adaptive_factory):
     make, tokenizer = adaptive_factory
     model = make(get_router("uniform"))
@@ -63,10 +84,12 @@ def test_each_edits_subject_is_calibrated_on_its_own_look_alikes(adaptive_factor
 
     base = make(get_router("uniform"))
     look_alike = "The capital of Piet Halholt is"  # shares "Piet" with edit 0's subject, nothing with edit 1's
-    plain = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=NEGATIVES)
+    # subject_floor=0: the negatives alone set the bar (the floor is tested below)
+    plain = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(subject_floor=0.0), tokenizer,
+                          negatives=NEGATIVES)
     other_piet = "The spouse of Piet Halholt is"
     assert _route(plain, tokenizer, [other_piet])[0, 0] == 1  # what the look-alike negative is there to stop
-    split = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer,
+    split = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(subject_floor=0.0), tokenizer,
                           negatives=NEGATIVES + [look_alike])
     before, after = plain.router.subject_threshold.tolist(), split.router.subject_threshold.tolist()
     assert after[0] > before[0] and after[1] == pytest.approx(before[1])
