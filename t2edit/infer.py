@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts", help="text file, one prompt per line")
     parser.add_argument("--negatives", default=None,
-                        help="text file of prompts the experts must leave alone (calibrates scope / classifier / "
-                             "cem; default for the built-in world: its other facts)")
+                        help="text file of prompts the experts must leave alone (calibrates the routers; default: "
+                             "a world's other facts, else the experts' relations asked about their other subjects)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--mixing", choices=["auto", "rows", "groups"], default="auto")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -54,6 +54,19 @@ def _load(model_name: str | None):
     return model, tokenizer, []
 
 
+def negatives_from_edits(edits: list[dict]) -> list[str]:
+    """Prompts no expert should take, built from the experts' own edits when no other facts are at hand: each
+    edit's relation asked about the other edits' subjects and objects, and each edited subject asked about the
+    other relations (what `scope-split` calibrates its subject and relation thresholds on), minus the edits."""
+    from t2edit.data.records import EditRecord
+    from t2edit.evaluation.composition import template_prompts
+    from t2edit.leakage import prompt_key
+
+    records = [EditRecord(subject=e["subject"], prompt=e["prompt"], target_new=[e["target"]]) for e in edits
+               if e.get("subject") and e.get("target") and e["subject"] in e["prompt"]]
+    return template_prompts(records, {prompt_key(e["prompt"]) for e in edits}, limit=800)
+
+
 def run(args) -> list[dict]:
     import torch
 
@@ -63,14 +76,17 @@ def run(args) -> list[dict]:
 
     prompts = args.prompt or _read_lines(args.prompts, "--prompts")
     experts = [Expert.from_pretrained(d) for d in args.experts]
-    model, tokenizer, negatives = _load(args.model)
-    if args.negatives:
-        negatives = _read_lines(args.negatives, "--negatives")
+    model, tokenizer, world_facts = _load(args.model)
     edits = [e for x in experts for e in edits_of(x)]
     edit_prompts = {e["prompt"] for e in edits}
     subjects = {e["subject"] for e in edits if e.get("subject")}
-    # An expert's own edit, or another question about its subject, is no negative by default.
-    negatives = [n for n in negatives if n not in edit_prompts and not any(s in n for s in subjects)]
+    if args.negatives:
+        negatives = [n for n in _read_lines(args.negatives, "--negatives") if n not in edit_prompts]
+    elif world_facts:
+        # A world's facts hold the edits' own aliases: no question about an edited subject is a negative there.
+        negatives = [n for n in world_facts if n not in edit_prompts and not any(s in n for s in subjects)]
+    else:
+        negatives = negatives_from_edits(edits)
     if args.router == "classifier" and not negatives:
         raise ValueError("--router classifier needs --negatives FILE (prompts the experts must leave alone)")
     tokenizer.padding_side = "left"

@@ -265,7 +265,8 @@ class SplitScopeRouter(ScopeRouter):
     score of the negatives whose subject passes (the edited subject asked about another relation). So no kept
     negative routes, by construction. A prompt that holds the edit's new answer ("…, which is not <new answer>,
     is": its words in the prompt's text after answer normalisation, or recall of the target's tokens ≥
-    `target_veto`) asks about the answer, not the fact, and is left alone; `target_veto=None` turns this off. The
+    `target_veto`) asks about the answer, not the fact, and is left alone by every expert (the answer may itself
+    be another edit's subject); `target_veto=None` turns this off. The
     text check is there for tokenizers that glue punctuation to words (the built-in world's: "Jorwick," is not
     "Jorwick"). Needs each edit's subject and target (`annotate_expert`)."""
 
@@ -337,11 +338,14 @@ class SplitScopeRouter(ScopeRouter):
         subject, relation = self._parts(batch)
         passing = (subject >= self.subject_threshold) & (relation >= self.relation_threshold)
         if self.target_keys is not None:
-            passing &= self._target_scores(batch) < self.target_veto
+            asks_answer = passing & (self._target_scores(batch) >= self.target_veto)
             texts = [f" {normalize_answer(t)} " for t in batch.texts]
             for row, edit in passing.nonzero().tolist():  # only where the edit would route: few pairs
                 if self.target_words[edit].strip() and self.target_words[edit] in texts[row]:
-                    passing[row, edit] = False
+                    asks_answer[row, edit] = True
+            # A prompt about an edit's new answer is left alone by every expert, not only that edit's: its answer
+            # may name another edited subject ("The spouse of A, which is not B, is", B edited too).
+            passing &= ~asks_answer.any(-1, keepdim=True)
         scores = torch.where(passing, torch.minimum(subject, relation), torch.full_like(subject, -1.0))
         best_score, best_edit = scores.max(-1)
         choice = torch.where(best_score >= 0, self.owner[best_edit], torch.tensor(-1))

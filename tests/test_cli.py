@@ -136,6 +136,19 @@ def test_infer_routes_a_trained_experts_edit_prompt_and_leaves_another_fact_alon
 
 
 @pytest.mark.slow
+def test_infer_without_negatives_on_a_real_model_asks_the_edits_relations_about_their_other_subjects():
+    """What scope-split calibrates on when no facts are at hand: each edited subject asked about the other edited
+    relation, each relation asked about the other subject and the objects; never an edit itself."""
+    from t2edit.infer import negatives_from_edits
+
+    edits = [{"prompt": "The spouse of Piet Zelmere is", "subject": "Piet Zelmere", "target": "Orla Jorwick"},
+             {"prompt": "The occupation of Vesna Corwick is", "subject": "Vesna Corwick", "target": "sculptor"}]
+    negatives = negatives_from_edits(edits)
+    assert {"The occupation of Piet Zelmere is", "The spouse of Vesna Corwick is",
+            "The spouse of Orla Jorwick is"} <= set(negatives)
+    assert not {e["prompt"] for e in edits} & set(negatives)
+
+
 def test_demo_end_to_end_on_a_tiny_world(tmp_path):
     out = tmp_path / "demo"
     code = main(["demo", "--model", "world", "--world", "tiny", "--n-edits", "6", "--steps", "30", "--out", str(out)])

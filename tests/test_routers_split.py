@@ -1,7 +1,7 @@
 """The scope-split router: subject and relation calibrated apart, on the tiny world of test_routers."""
 import pytest
 
-from t2edit.routers import ScopeRouter, SplitScopeRouter, get_router
+from t2edit.routers import ScopeRouter, SplitScopeRouter, encode, get_router
 from tests.test_routers import EDITS, NEGATIVES, _route, adaptive_factory  # noqa: F401  (the fixture)
 
 ALIAS, TWO_HOP = "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is"
@@ -63,6 +63,25 @@ def test_scope_split_leaves_the_new_answer_alone_when_the_tokenizer_glues_punctu
     assert "▁Jorwick," in tokenizer.tokenize(glued)
     assert _route(make(get_router("scope-split", target_veto=None)), tokenizer, [glued])[0, 0] == 1
     assert _route(make(get_router("scope-split")), tokenizer, [glued, EDITS[0].prompt])[:, 0].tolist() == [0, 1]
+
+
+def test_a_prompt_about_one_edits_new_answer_goes_to_no_expert_even_when_that_answer_is_another_edit(
+        adaptive_factory):
+    """Edit 0 makes Orla Jorwick Piet Zelmere's spouse; here edit 1 is about Orla Jorwick's own spouse. "The spouse
+    of Piet Zelmere which is not Orla Jorwick is" asks about edit 0's answer: edit 1's subject and relation are in
+    it too, and it still goes to no expert."""
+    make, tokenizer = adaptive_factory
+    from t2edit.adaptation import AdaptiveModel
+
+    base = make(get_router("uniform"))
+    base.experts[1].info["edits"] = [{"prompt": "The spouse of Orla Jorwick is", "subject": "Orla Jorwick",
+                                      "target": "sculptor"}]
+    model = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=NEGATIVES)
+    router, prompt = model.router, FORGETFULNESS
+    batch = encode(model, tokenizer, [prompt])[0]
+    subject, relation = router._parts(batch)
+    assert subject[0, 1] >= router.subject_threshold[1] and relation[0, 1] >= router.relation_threshold
+    assert _route(model, tokenizer, [prompt, "The spouse of Orla Jorwick is"]).argmax(-1).tolist() == [2, 1]
 
 
 def test_scope_split_target_veto_needs_targets(adaptive_factory):
