@@ -17,7 +17,8 @@ NEGATIVES = ["The occupation of Piet Zelmere is", "The spouse of Vesna Corwick i
 TEXTS = [r.prompt + " " + r.target for r in EDITS] + [n + " x" for n in NEGATIVES] + [
     "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is architect",
     "Question: \nThe question is about: none of these , sculptor painter architect",
-    "The spouse of Piet Zelmere which is not Orla Jorwick is", "The spouse of Piet Zelmere which is not Orla Jorwick, is"]
+    "The spouse of Piet Zelmere which is not Orla Jorwick is", "The spouse of Piet Zelmere which is not Orla Jorwick, is",
+    "The capital of Piet Zelmere, is"]
 
 
 @pytest.fixture

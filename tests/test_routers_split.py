@@ -44,6 +44,21 @@ def test_scope_split_leaves_a_prompt_holding_the_new_answer_alone_unless_told_no
     assert _route(plain, tokenizer, [FORGETFULNESS])[0, 0] == 1
 
 
+def test_a_negative_naming_the_edited_subject_in_other_tokens_does_not_raise_its_bar(adaptive_factory):
+    """"Zelmere," is another token than "Zelmere" (as BPE splits a name at a prompt's start otherwise): the negative
+    still names edit 0's subject, so it calibrates the relation, not the subject."""
+    make, tokenizer = adaptive_factory
+    from t2edit.adaptation import AdaptiveModel
+
+    base = make(get_router("uniform"))
+    glued = "The capital of Piet Zelmere, is"
+    assert "▁Zelmere," in tokenizer.tokenize(glued)
+    thresholds = [AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(subject_floor=0.0), tokenizer,
+                                negatives=negatives).router.subject_threshold[0].item()
+                  for negatives in (NEGATIVES, NEGATIVES + [glued])]
+    assert thresholds[1] == pytest.approx(thresholds[0], abs=0.02)  # the negatives also move the IDF weights a little
+
+
 def test_without_look_alike_negatives_a_shared_first_name_is_not_enough(adaptive_factory):
     """No negative names another Piet, so the calibrated bar for edit 0 is low; the floor still asks for more of
     the subject than one of its two names, while an alias that keeps both still routes."""
