@@ -75,6 +75,15 @@ TABLES = [
           "runs/sequential/sequential.json",
           "writes `runs/sequential/sequential.json`, the `curve` of `results/sequential_world.json`; the table "
           "shows the points listed in its `shown_edits`"),
+    Table("composition-world-split", "results/composition_world_split.json",
+          "t2edit eval --n 100 --composition 1,4,16,0 --routers oracle,scope-split,embedding --out runs/composition-split",
+          "runs/composition-split/rows-k*.json",
+          "writes `runs/composition-split/rows-k*.json`; copy the rows' metrics, `seconds` and `extra.two_hop_across*` "
+          "into `results/composition_world_split.json`"),
+    Table("sequential-world-split", "results/sequential_world_split.json",
+          "t2edit eval --sequential --routers scope-split,embedding --workers 2 --out runs/sequential-split",
+          "runs/sequential-split/sequential.json",
+          "writes `runs/sequential-split/sequential.json`, the `curve` of `results/sequential_world_split.json`"),
     Table("routing-smollm2", "results/routing_smollm2.json",
           "python scripts/routing_rates_real.py --routers embedding scope scope-split",
           "runs/routing_smollm2.json",
@@ -309,7 +318,8 @@ def _mutmut_block(_payload: dict, repo: Path | None = None) -> list[str]:
 
 BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-objectives": _objectives_block,
           "bench-real": _bench_real_block, "composition-world": _composition_block,
-          "sequential-world": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
+          "sequential-world": _sequential_block, "composition-world-split": _composition_block,
+          "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
           "gpu-smoke": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
           "mutmut": _mutmut_block}
