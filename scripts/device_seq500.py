@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--records", type=int, default=520, help="world = the first N records of --data")
     parser.add_argument("--edits", type=int, default=None, help="edit the first N records (default: all)")
     parser.add_argument("--points", type=int, default=10, help="curve points besides 1 edit")
-    parser.add_argument("--routers", default="scope,embedding")
+    parser.add_argument("--routers", default="scope-split,embedding")
     parser.add_argument("--workers", type=int, default=None,
                         help="CPU processes training experts (default: CPU cores - 1)")
     parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=1,
                           help="--sequential: train the single-edit experts in this many CPU processes")
     evaluate.add_argument("--routers", default=None,
-                          help="routers for --composition / --sequential (default: all / scope,embedding)")
+                          help="routers for --composition / --sequential (default: all / scope-split,embedding)")
 
     infer = sub.add_parser("infer", help="two-pass inference with many experts (same as scripts/infer.py)")
     from t2edit.infer import add_arguments
@@ -128,7 +128,7 @@ def _eval_many_experts(args):
             raise ValueError(f"--composition {args.composition!r}: give numbers of experts, e.g. 1,4,16,0") from None
         run_composition(setup, ks, args.out, routers=routers or ROW_ROUTERS)
     if args.sequential:
-        run_sequential(setup, args.out, routers=routers or ("scope", "embedding"), workers=args.workers)
+        run_sequential(setup, args.out, routers=routers or ("scope-split", "embedding"), workers=args.workers)
 
 
 def _world_build(args):

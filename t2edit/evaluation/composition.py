@@ -24,7 +24,7 @@ from t2edit.data.records import EditRecord, Probe
 from t2edit.editing import EditedModel, Editor
 from t2edit.experts import CONFIG_NAME, Expert
 
-ROW_ROUTERS = ("oracle", "embedding", "scope", "hybrid", "classifier", "prompt", "cem", "uniform")
+ROW_ROUTERS = ("oracle", "embedding", "scope", "scope-split", "hybrid", "classifier", "prompt", "cem", "uniform")
 
 
 def split_records(records: Sequence[EditRecord], k: int) -> list[list[EditRecord]]:
@@ -369,7 +369,7 @@ def sequential_sizes(n: int, points: int = 10) -> list[int]:
     return sorted({max(1, round(n * i / points)) for i in range(1, points + 1)} | {1})
 
 
-def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope", "embedding"), points: int = 10,
+def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split", "embedding"), points: int = 10,
                    base_config=None, progress: bool = True, workers: int = 1, batch_size: int | None = None,
                    deadline: float | None = None, sizes: Sequence[int] | None = None,
                    experts_dir: str | Path | None = None):
