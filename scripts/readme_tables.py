@@ -76,7 +76,8 @@ TABLES = [
           "writes `runs/sequential/sequential.json`, the `curve` of `results/sequential_world.json`; the table "
           "shows the points listed in its `shown_edits`"),
     Table("composition-world-split", "results/composition_world_split.json",
-          "t2edit eval --n 100 --composition 1,4,16,0 --routers oracle,scope-split,embedding --out runs/composition-split",
+          "t2edit eval --n 100 --composition 1,4,16,0 --routers oracle,scope-split,embedding "
+          "--out runs/composition-split",
           "runs/composition-split/rows-k*.json",
           "writes `runs/composition-split/rows-k*.json`; copy the rows' metrics, `seconds` and `extra.two_hop_across*` "
           "into `results/composition_world_split.json`"),

@@ -202,15 +202,16 @@ class ScopeRouter(ExpertRouter):
             for row in range(len(chunk)):
                 pos = [p for p, (i, m) in enumerate(zip(enc["input_ids"][row].tolist(),
                                                         enc["attention_mask"][row].tolist())) if m and i not in special]
-                yield (enc["input_ids"][row, pos].tolist(), [tuple(o) for o in enc["offset_mapping"][row, pos].tolist()],
-                       states[row, pos], subject_states[row, pos])
+                offsets = [tuple(o) for o in enc["offset_mapping"][row, pos].tolist()]
+                yield enc["input_ids"][row, pos].tolist(), offsets, states[row, pos], subject_states[row, pos]
 
     def _packed(self, device) -> tuple:
         """Every edit's subject and relation keys padded into [edits, tokens, d] tensors (`_pad_keys`) on `device`:
         one einsum scores all K edits instead of 2K small ones per batch (what made routing cost grow with the
         number of experts)."""
         if self._packed_cache[0] != device:
-            self._packed_cache = (device, [_pad_keys(keys, device) for keys in (self.subject_keys, self.relation_keys)])
+            self._packed_cache = (device, [_pad_keys(keys, device)
+                                           for keys in (self.subject_keys, self.relation_keys)])
         return self._packed_cache[1]
 
     @staticmethod
@@ -261,14 +262,16 @@ class SplitScopeRouter(ScopeRouter):
     many others ("Mark …") needs more of itself than one that shares nothing, and one look-alike subject ("canton
     of …") raises only its own edit's bar. Whatever the negatives, a prompt must hold more than `subject_floor` of
     the subject (the threshold starts from at least that): with few negatives, "Jorun Ostvik" would otherwise pass
-    for "Jorun Zelholt" by a shared rare first name (measured on the built-in world's sequential curve). Relation: one threshold, `relation_margin` above the best relation
-    score of the negatives whose subject passes (the edited subject asked about another relation). So no kept
-    negative routes, by construction. A prompt that holds the edit's new answer ("…, which is not <new answer>,
-    is": its words in the prompt's text after answer normalisation, or recall of the target's tokens ≥
-    `target_veto`) asks about the answer, not the fact, and is left alone by every expert (the answer may itself
-    be another edit's subject); `target_veto=None` turns this off. The
-    text check is there for tokenizers that glue punctuation to words (the built-in world's: "Jorwick," is not
-    "Jorwick"). Needs each edit's subject and target (`annotate_expert`)."""
+    for "Jorun Zelholt" by a shared rare first name (measured on the built-in world's sequential curve).
+
+    Relation: one threshold, `relation_margin` above the best relation score of the negatives whose subject passes
+    (the edited subject asked about another relation). So no kept negative routes, by construction.
+
+    Answer veto: a prompt that asks an edit's question and holds its new answer ("…, which is not <new answer>,
+    is": recall of the target's tokens ≥ `target_veto`, or its words in the prompt's text after answer
+    normalisation, for tokenizers that glue punctuation to words: the built-in world's "Jorwick," is not
+    "Jorwick") asks about the answer, not the fact, and goes to no expert at all (the answer may itself be another
+    edit's subject); `target_veto=None` turns this off. Needs each edit's subject and target (`annotate_expert`)."""
 
     name = "scope-split"
 
@@ -319,16 +322,19 @@ class SplitScopeRouter(ScopeRouter):
 
     def _above(self, scores: torch.Tensor, margin: float) -> torch.Tensor:
         """`margin` of the way from the `quantile` of `scores` (NaN: not counted; per column of a 2-D tensor) to
-        1, capped below 1; where a column has no score, the quantile of all of them."""
-        flat = scores.flatten()
-        flat = flat[~flat.isnan()]
-        overall = (flat.quantile(self.quantile) if len(flat) < 1 << 24 else flat.max()) if len(flat) else \
-            torch.tensor(0.8)
-        if scores.dim() == 2 and scores.shape[0] < 1 << 24:
-            closest = scores.nanquantile(self.quantile, dim=0)
-            closest = torch.where(closest.isnan(), overall, closest)
-        else:
-            closest = overall
+        1, capped below 1; where a column has no score, the quantile of all of them. Above torch.quantile's input
+        limit (2**24 elements) the highest score stands in for any quantile."""
+        def closest_of(values: torch.Tensor, dim=None) -> torch.Tensor:
+            if values.numel() < 1 << 24:
+                return values.nanquantile(self.quantile) if dim is None else values.nanquantile(self.quantile, dim)
+            top = values.nan_to_num(nan=-math.inf)
+            top = top.max() if dim is None else top.max(dim).values
+            return top.masked_fill(top == -math.inf, math.nan)
+
+        overall = closest_of(scores)
+        overall = torch.tensor(0.8) if overall.isnan() else overall
+        closest = closest_of(scores, 0) if scores.dim() == 2 else overall
+        closest = torch.where(closest.isnan(), overall, closest)
         return (closest + margin * (1 - closest)).clamp(max=1 - 1e-4)
 
     def _target_scores(self, batch) -> torch.Tensor:

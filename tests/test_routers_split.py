@@ -129,3 +129,17 @@ def test_each_edits_subject_is_calibrated_on_its_own_look_alikes(adaptive_factor
     assert after[0] > before[0] and after[1] == pytest.approx(before[1])
     weights = _route(split, tokenizer, [other_piet, "The occupation of Vesna L. Corwick is", EDITS[0].prompt])
     assert weights.argmax(-1).tolist() == [2, 1, 0], (weights, after)
+
+
+def test_thresholds_past_torch_quantiles_input_limit_use_the_highest_score():
+    """KnowEdit-sized runs (thousands of negatives × hundreds of edits) pass 2**24 scores; a NaN column (an edit no
+    negative calibrates) takes the overall value."""
+    import torch
+
+    scores = torch.rand(1 << 13, 1 << 11) * 0.5
+    scores[0, 0], scores[:, 1] = 0.9, float("nan")
+    router = SplitScopeRouter()
+    bars = router._above(scores, 0.1)
+    assert bars[0].item() == pytest.approx(0.9 + 0.1 * 0.1)
+    assert bars[1].item() == pytest.approx(bars[0].item())
+    assert bars[2].item() == pytest.approx(scores[:, 2].max().item() * 0.9 + 0.1)
