@@ -97,6 +97,8 @@ TABLES = [
           "computed here by `t2edit.rollouts.sync_bytes` and `t2edit.vllm_worker.encode_z`; no results file"),
     Table("gpu-smoke", "results/gpu_smoke_h100.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20', "",
           "prints these figures on a CUDA machine; not re-run, the numbers are transcribed"),
+    Table("gpu-smoke-h200", "results/gpu_smoke_h200.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20',
+          "", "prints these figures on a CUDA machine; copied from its output"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
           _GRID_NOTE),
@@ -321,7 +323,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "bench-real": _bench_real_block, "composition-world": _composition_block,
           "sequential-world": _sequential_block, "composition-world-split": _composition_block,
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
-          "gpu-smoke": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
+          "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
           "mutmut": _mutmut_block}
 
