@@ -88,3 +88,33 @@ def test_weight_fingerprint_is_the_same_on_the_gpu_and_on_the_cpu():
     finally:
         torch.set_num_threads(threads)
     assert weight_fingerprint(weight.cuda()) == on_cpu
+
+
+@pytest.mark.parametrize("is_world, preset", [(True, "world"), (False, "llm")])
+def test_experts_of_many_train_with_the_edited_models_preset(world_dir, tmp_path, monkeypatch, is_world, preset):
+    """Composition and sequential experts train with the settings `t2edit eval` uses for that model: the world
+    preset on a fact world, the llm preset on a pretrained model (its learning rate, KL, sampling)."""
+    import t2edit.training
+    from t2edit.evaluation.composition import train_one_expert
+    from t2edit.training import PRESETS
+
+    setup = load_setup(*world_dir, start=0, n_edits=2, progress=False)
+    if not is_world:
+        setup.world_report, setup.model_name = None, "HuggingFaceTB/SmolLM2-135M-Instruct"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, tokenizer, edits, pool, config, **_):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(t2edit.training, "SVFTrainer", capture)
+    with pytest.raises(Stop):
+        train_one_expert(setup, setup.edits[:1], tmp_path / "run", setup.edits)
+    # (steps, neighbours and logging are set per expert size; the rest comes from the preset)
+    keys = ("learning_rate", "kl_coef", "top_k", "sample_neighbours", "baseline", "group_size", "rewards")
+    expected = {k: PRESETS[preset].get(k, getattr(t2edit.training.TrainConfig(), k)) for k in keys}
+    assert {k: getattr(seen[0], k) for k in keys} == expected
+    assert preset == "world" or expected != {k: getattr(t2edit.training.TrainConfig(), k) for k in keys}

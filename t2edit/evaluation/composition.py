@@ -93,9 +93,12 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     retrains or rewrites another). Returns the expert directory."""
     from t2edit.routers import annotate_expert
     from t2edit.svf import apply_svf
-    from t2edit.training import SVFTrainer, TrainConfig
+    from t2edit.training import SVFTrainer, TrainConfig, apply_preset
 
-    base = base_config or TrainConfig()
+    # The settings of the model being edited, as `t2edit eval` uses them: the world preset for fact worlds, the
+    # llm preset for a pretrained model.
+    base = base_config or apply_preset(TrainConfig(
+        model=None if setup.world_report is not None else setup.model_name))
     expert_dir = Path(run_dir) / "expert"
     if (expert_dir / CONFIG_NAME).exists():
         return expert_dir
