@@ -81,6 +81,12 @@ TABLES = [
           "runs/composition-split/rows-k*.json",
           "writes `runs/composition-split/rows-k*.json`; copy the rows' metrics, `seconds` and `extra.two_hop_across*` "
           "into `results/composition_world_split.json`"),
+    Table("composition-smollm2", "results/composition_smollm2.json",
+          "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --composition 1,4 "
+          "--routers oracle,scope-split,embedding --out runs/composition-smollm2",
+          "runs/composition-smollm2/rows-k*.json",
+          "writes `runs/composition-smollm2/rows-k*.json`; copy the rows' metrics, `seconds` and "
+          "`extra.two_hop_across*` into `results/composition_smollm2.json`"),
     Table("sequential-world-split", "results/sequential_world_split.json",
           "t2edit eval --sequential --routers scope-split,embedding --workers 2 --out runs/sequential-split",
           "runs/sequential-split/sequential.json",
@@ -322,6 +328,7 @@ def _mutmut_block(_payload: dict, repo: Path | None = None) -> list[str]:
 BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-objectives": _objectives_block,
           "bench-real": _bench_real_block, "composition-world": _composition_block,
           "sequential-world": _sequential_block, "composition-world-split": _composition_block,
+          "composition-smollm2": _composition_block,
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
           "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
