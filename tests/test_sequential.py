@@ -104,7 +104,7 @@ def test_experts_of_many_train_with_the_edited_models_preset(world_dir, tmp_path
     seen = []
 
     class Stop(Exception):
-        pass
+        """Raised by the stand-in trainer once it has seen the config: nothing is trained."""
 
     def capture(model, tokenizer, edits, pool, config, **_):
         seen.append(config)
