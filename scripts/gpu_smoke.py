@@ -54,6 +54,9 @@ class CopyModel:
         self.net = base
         self.params = dict(base.named_parameters())
 
+    def parameters(self):
+        return self.net.parameters()
+
     @torch.no_grad()
     def load_weights(self, weights):
         for name, tensor in weights:

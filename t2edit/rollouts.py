@@ -240,9 +240,19 @@ class ColocateEngine:
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         return [list(o.token_ids) for output in outputs for o in output.outputs]
 
-    def load_weights(self, weights):
+    def _model_runner(self):
         # The in-process worker, as TRL's colocate mode reaches it.
-        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner
+
+    def load_weights(self, weights):
+        from t2edit.vllm_worker import load_into_model_runner
+
+        load_into_model_runner(self._model_runner(), weights)
+
+    def needs_every_layer(self) -> bool:
+        from t2edit.vllm_worker import reloads_layerwise
+
+        return reloads_layerwise(self._model_runner().model)
 
     def rpc(self, method: str, *args: str):
         return self.llm.collective_rpc(method, args=tuple(args))
@@ -299,6 +309,8 @@ class VLLMRollouts:
                 self.engine.rpc("svf_set_z", payload)
                 sent_bytes = len(payload)
             else:
+                if getattr(self.engine, "needs_every_layer", lambda: False)():  # a layer-wise reload (vLLM on CPU)
+                    names = list(z)
                 weights = list(merged_svf_weights(self.model, self.dtype, names))
                 self.engine.load_weights(weights)
                 sent_bytes = sum(w.numel() * w.element_size() for _, w in weights)

@@ -51,6 +51,33 @@ def recompose(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tenso
     return (U * sigma.to(U.dtype)) @ Vh
 
 
+def reloads_layerwise(model) -> bool:
+    """True where vLLM repacked the served weights after loading (its CPU backend hands linear weights to oneDNN and
+    leaves empty parameters without weight loaders): new weights must then go through vLLM's layer-wise reload."""
+    return any(p.numel() == 0 for p in model.parameters())
+
+
+def load_into_model_runner(model_runner, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Hand W' (HF names) to a live vLLM model: in place through its weight loaders, as TRL does (CUDA), or through
+    `reload_weights`, which reruns the platform's weight processing for every layer it receives (CPU). A layer-wise
+    reload must receive every member of a fused projection (gate+up, q+k+v), or the missing part is lost."""
+    model = model_runner.model
+    if not reloads_layerwise(model):
+        model.load_weights(weights)
+        return
+    received: dict[str, set[str]] = {}  # module prefix -> projections sent ("model.layers.0.mlp" -> {"gate_proj"})
+    for name, _ in weights:
+        prefix, projection, _ = name.rsplit(".", 2)
+        received.setdefault(prefix, set()).add(projection)
+    for prefix, projections in received.items():
+        for fused, members in getattr(model, "packed_modules_mapping", {}).items():
+            if projections & set(members) and not set(members) <= projections:
+                raise RuntimeError(f"this vLLM engine reloads weights layer by layer, so {prefix}.{fused} needs all of "
+                                   f"{members} but got {sorted(projections & set(members))}: add the others to the "
+                                   f"SVF target_modules, or serve on CUDA (weights load in place there)")
+    model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+
+
 class SVFWorkerExtension:
     """Mixed into vLLM's worker: holds the SVF factors on the rollout GPU and rebuilds W' from z."""
 
@@ -63,7 +90,7 @@ class SVFWorkerExtension:
         spec = json.loads(manifest)
         self._svf_config = spec["svf_config"]
         self._svf_dtype = getattr(torch, spec["dtype"])
-        self._svf_layers = {}
+        self._svf_layers, self._svf_z = {}, {}
         for layer in spec["layers"]:
             tensors = load_file(layer["path"], device=str(self.device))
             self._svf_layers[layer["name"]] = (tensors["U"], tensors["S"], tensors["Vh"], bool(layer["transposed"]))
@@ -73,14 +100,18 @@ class SVFWorkerExtension:
         layers = getattr(self, "_svf_layers", None)
         if layers is None:
             raise RuntimeError("svf_set_z before svf_load_factors: the trainer must send the factors first")
+        received = decode_z(payload)
+        self._svf_z.update(received)
+        # A layer-wise reload (vLLM on CPU) rebuilds whole fused projections: every layer goes, not only the new z.
+        names = list(self._svf_z) if reloads_layerwise(self.model_runner.model) else list(received)
         weights = []
         with torch.no_grad():
-            for name, z in decode_z(payload).items():
+            for name in names:
                 U, s, Vh, transposed = layers[name]
-                weight = recompose(U, s, Vh, z, self._svf_config).to(self._svf_dtype)
+                weight = recompose(U, s, Vh, self._svf_z[name], self._svf_config).to(self._svf_dtype)
                 weights.append((f"{name}.weight", weight.T.contiguous() if transposed else weight))
-            self.model_runner.model.load_weights(weights)
+            load_into_model_runner(self.model_runner, weights)
         return len(weights)
 
 
-__all__ = ["SVFWorkerExtension", "decode_z", "encode_z", "recompose"]
+__all__ = ["SVFWorkerExtension", "decode_z", "encode_z", "load_into_model_runner", "recompose", "reloads_layerwise"]

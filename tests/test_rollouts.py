@@ -46,6 +46,9 @@ class FakeVLLMModel:
         self.net = copy.deepcopy(base_model)
         self.loaded: list[tuple[str, torch.Tensor]] = []
 
+    def parameters(self):
+        return self.net.parameters()
+
     def load_weights(self, weights):
         params = dict(self.net.named_parameters())
         for name, tensor in weights:
