@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from t2edit.jobs import load_setup  # noqa: E402
-from t2edit.rollouts import HFRollouts, VLLMRollouts, make_vllm_rollouts, merged_svf_weights, sync_bytes  # noqa: E402
+from t2edit.rollouts import (ColocateEngine, HFRollouts, VLLMRollouts, make_vllm_rollouts, merged_svf_weights,  # noqa: E402
+                             start_colocated_engine, sync_bytes)
 from t2edit.svf import apply_svf  # noqa: E402
 from t2edit.leakage import learning_pool  # noqa: E402
 from t2edit.training import SVFTrainer, TrainConfig, greedy_answers  # noqa: E402
@@ -75,7 +76,7 @@ class InProcessEngine:
         self.worker.model_runner.model.load_weights(weights)
 
     def rpc(self, method, *args):
-        return getattr(self.worker, method)(*args)
+        return [getattr(self.worker, method)(*args)]  # one result per worker, as vLLM answers
 
     def reset_prefix_cache(self):
         pass
@@ -114,6 +115,10 @@ def train(args, world, label, make_rollouts):
                "steps": len(rows), "edit_success_before": before, "edit_success_after": after,
                "seconds_per_step": rows[-1]["seconds"] / len(rows), "train_seconds": time.perf_counter() - started,
                "rollout_tokens_per_s": rollouts.generated_tokens / max(rollouts.generate_seconds, 1e-9)}
+    for key in ("time/sync", "time/sync_transfer", "sync/bytes"):  # vLLM runs: per-step sync after the first
+        values = sorted(row[key] for row in rows if key in row)
+        if values:
+            figures[f"median_{key.replace('/', '_')}"] = values[len(values) // 2]
     print(json.dumps(figures), flush=True)
     assert after >= before + args.min_gain, f"{label}: edit success {before:.2f} -> {after:.2f}, wanted +{args.min_gain}"
     return figures, model, pristine, setup, rollouts
@@ -212,12 +217,21 @@ def main(argv=None):
     results["hf"] = figures
     results["sync_paths"] = check_sync_paths(args, model, pristine, setup)
     results["llama_3.2_1b"] = llama_1b_rebuild(args)
+    engines = {}
     modes = {"none": [], "server": ["server"], "colocate": ["colocate"], "all": ["server", "colocate"]}[args.vllm]
     for mode in modes:
         for sync in ("z", "merged"):
+            if mode == "server" and sync == "merged" and args.device == "cpu":
+                print("[gpu_smoke] skipped vllm-server-merged: TRL sends W' to a server over NCCL, CUDA only", flush=True)
+                continue
             def make(m, t, mode=mode, sync=sync):
-                return make_vllm_rollouts(m, t, mode=mode, sync=sync, base_url=args.server_url,
-                                          model_name=args.world, gpu_memory_utilization=0.3)
+                if mode == "server":
+                    return make_vllm_rollouts(m, t, mode=mode, sync=sync, base_url=args.server_url)
+                # One colocated engine for both sync paths: a second engine in one process would share (and, when the
+                # first is collected, lose) vLLM's process groups. Each run's first full sync resets its weights.
+                if "colocate" not in engines:
+                    engines["colocate"] = ColocateEngine(start_colocated_engine(m, args.world, 0.3))
+                return VLLMRollouts(m, t, engines["colocate"], sync=sync)
             figures, model, _, setup, rollouts = train(args, args.world, f"vllm-{mode}-{sync}", make)
             prompts = [r.prompt for r in setup.edits]  # the trainer synced after its last step
             served = [setup.tokenizer.decode(g[0], skip_special_tokens=True).strip()

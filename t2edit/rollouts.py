@@ -213,7 +213,7 @@ class ServerEngine:
             raise RuntimeError(f"the vLLM server at {self.base_url} refused {method}: {response.status_code} "
                                f"{response.text[:300]}; is it running --worker-extension-cls {WORKER_EXTENSION}? "
                                f"(scripts/serve_vllm.sh starts it so), or use vllm_sync: merged")
-        return response.json()
+        return response.json()["results"]  # one result per worker
 
     def reset_prefix_cache(self):
         self.client.reset_prefix_cache()
@@ -255,7 +255,7 @@ class ColocateEngine:
         return reloads_layerwise(self._model_runner().model)
 
     def rpc(self, method: str, *args: str):
-        return self.llm.collective_rpc(method, args=tuple(args))
+        return self.llm.collective_rpc(method, args=tuple(args))  # one result per worker
 
     def reset_prefix_cache(self):
         self.llm.reset_prefix_cache()
@@ -301,12 +301,17 @@ class VLLMRollouts:
                 self._send_factors()
         names = self.changed_layers(full)
         z = self.model.get_z()
+        worker_seconds = transfer_seconds = None  # z-only sync: split of the round trip
         if names:
             if self.sync == "z":
                 from t2edit.vllm_worker import encode_z
 
                 payload = encode_z({name: z[name] for name in names})
-                self.engine.rpc("svf_set_z", payload)
+                sent = time.perf_counter()
+                results = self.engine.rpc("svf_set_z", payload)
+                # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer.
+                worker_seconds = max(r["seconds"] for r in results)
+                transfer_seconds = time.perf_counter() - sent - worker_seconds
                 sent_bytes = len(payload)
             else:
                 if getattr(self.engine, "needs_every_layer", lambda: False)():  # a layer-wise reload (vLLM on CPU)
@@ -319,7 +324,8 @@ class VLLMRollouts:
             sent_bytes = 0
         self.sent_z = z
         self.last_sync = {"layers": len(names), "bytes": sent_bytes, "full": full,
-                          "seconds": time.perf_counter() - started}
+                          "seconds": time.perf_counter() - started, "worker_seconds": worker_seconds,
+                          "transfer_seconds": transfer_seconds}
 
     def _send_factors(self):
         # Written to a temporary directory on this machine, read by the workers, then removed: the server must

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import torch
 
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2  # 2: svf_set_z answers {"layers", "seconds"}
 
 
 def encode_z(z: dict[str, torch.Tensor]) -> str:
@@ -96,7 +97,10 @@ class SVFWorkerExtension:
             self._svf_layers[layer["name"]] = (tensors["U"], tensors["S"], tensors["Vh"], bool(layer["transposed"]))
         return len(self._svf_layers)
 
-    def svf_set_z(self, payload: str) -> int:
+    def svf_set_z(self, payload: str) -> dict:
+        """Rebuild W' from the z in `payload` and load it; returns the layers loaded and the seconds it took here, so
+        the trainer can tell transfer time from recompose time."""
+        started = time.perf_counter()
         layers = getattr(self, "_svf_layers", None)
         if layers is None:
             raise RuntimeError("svf_set_z before svf_load_factors: the trainer must send the factors first")
@@ -111,7 +115,9 @@ class SVFWorkerExtension:
                 weight = recompose(U, s, Vh, self._svf_z[name], self._svf_config).to(self._svf_dtype)
                 weights.append((f"{name}.weight", weight.T.contiguous() if transposed else weight))
             load_into_model_runner(self.model_runner, weights)
-        return len(weights)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"layers": len(weights), "seconds": time.perf_counter() - started}
 
 
 __all__ = ["SVFWorkerExtension", "decode_z", "encode_z", "load_into_model_runner", "recompose", "reloads_layerwise"]

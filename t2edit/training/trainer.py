@@ -242,6 +242,11 @@ class SVFTrainer:
         sampling = getattr(self.rollouts, "generate_seconds", 0.0) - sampling_before
         timing = {"time/references": references_done - started, "time/sampling": sampling,
                   "time/step": time.perf_counter() - started}
+        sync = getattr(self.rollouts, "last_sync", None)  # vLLM samplers: what pushing the new z cost
+        if sync:
+            timing.update({"time/sync": sync["seconds"], "sync/bytes": sync["bytes"]})
+            if sync.get("transfer_seconds") is not None:
+                timing["time/sync_transfer"] = sync["transfer_seconds"]
         metrics = {"step": self.step, **timing, "loss": loss_value, "grad_norm": grad_norm.item(),
                    "lr": self.optimizer.param_groups[0]["lr"], "rows_scored": len(rows.index),
                    "reward": _mean([r for r, s in zip(total, sampled_mask) if s])}
