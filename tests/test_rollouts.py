@@ -12,12 +12,12 @@ from trl.generation.vllm_client import VLLMClient
 
 from t2edit import rollouts as rollouts_module
 from t2edit.data.records import EditRecord
-from t2edit.rollouts import (HFRollouts, ServerEngine, VLLMRollouts, make_vllm_rollouts, merged_svf_weights,
-                             sync_bytes, trim_at_eos)
+from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, make_vllm_rollouts,
+                             merged_svf_weights, sync_bytes, trim_at_eos)
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
 from t2edit.training import SVFTrainer, TrainConfig, greedy_answers
-from t2edit.vllm_worker import SVFWorkerExtension, decode_z, encode_z
+from t2edit.vllm_worker import SVFWorkerExtension, decode_z, encode_z, load_into_model_runner
 
 URL = "http://127.0.0.1:8000"
 
@@ -149,13 +149,85 @@ def test_z_only_sync_recomposes_the_policy_weights_on_the_worker(tiny_tokenizer,
     rollouts.sync_weights()
     sent = decode_z(session.posts[-1][1]["args"][0])
     assert list(sent) == [svf.layer_names[0]] and torch.equal(sent[svf.layer_names[0]], svf.z_parameters()[0])
-    assert rollouts.last_sync["bytes"] < 4 * svf.z_parameters()[0].numel() * 4 / 3 + 200  # base64 of fp32 + JSON
+    assert rollouts.last_sync["bytes"] < 4 * svf.z_parameters()[0].numel() + 200  # fp32 + safetensors header
 
 
-def test_z_payload_round_trips_exactly():
-    z = {"a.b": torch.randn(7), "c": torch.randn(3)}
-    back = decode_z(encode_z(z))
-    assert list(back) == ["a.b", "c"] and all(torch.equal(back[k], z[k]) for k in z)
+class FakeReloadingRunner:
+    """vLLM's CPU backend after loading: the served linears were repacked (empty parameters, no weight loaders), so
+    new weights go only through `reload_weights`, which rebuilds each layer it receives from what it is sent."""
+
+    def __init__(self, base_model):
+        self.model = FakeVLLMModel(base_model)
+        repacked = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        self.model.parameters = lambda: [*self.model.net.parameters(), repacked]
+        self.model.load_weights = mock.Mock(side_effect=AssertionError("a repacked model cannot load in place"))
+        self.model.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                             "gate_up_proj": ["gate_proj", "up_proj"]}
+        self.reloads: list[list[str]] = []
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        assert is_checkpoint_format  # HF names and layouts, not the kernel's
+        weights = list(weights_iterator)
+        self.reloads.append([name for name, _ in weights])
+        params = dict(self.model.net.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+
+
+def test_a_layerwise_reloading_engine_gets_every_layer_and_serves_the_policy(tiny_tokenizer):
+    svf, pristine = svf_pair(tiny_tokenizer)
+    worker = FakeWorker(pristine)
+    worker.model_runner = FakeReloadingRunner(pristine)
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ServerEngine(autospec_client(), URL, session=FakeSession(worker)),
+                            sync="z", dtype=torch.float32)
+    rollouts.sync_weights(full=True)
+    with torch.no_grad():  # one layer's z changes: the worker still rebuilds whole layers, so every one is reloaded
+        svf.z_parameters()[0].mul_(0.5)
+    rollouts.sync_weights()
+    every_layer = [f"{name}.weight" for name in svf.layer_names]
+    assert worker.model_runner.reloads == [every_layer, every_layer]
+    worker.model_runner.model.load_weights.assert_not_called()
+    served = worker.model_runner.model.net
+    prompts = ["The capital of Foo is", "The spouse of Ann is"]
+    assert greedy_answers(served, tiny_tokenizer, prompts, 4) == greedy_answers(svf, tiny_tokenizer, prompts, 4)
+    assert rollouts.last_sync["transfer_seconds"] >= 0 and rollouts.last_sync["worker_seconds"] > 0
+
+
+def test_merged_sync_into_a_layerwise_reloading_colocated_engine_sends_every_layer(tiny_tokenizer):
+    svf, pristine = svf_pair(tiny_tokenizer)
+    runner = FakeReloadingRunner(pristine)
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(
+        driver_worker=SimpleNamespace(model_runner=runner))), reset_prefix_cache=mock.Mock())
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ColocateEngine(llm), sync="merged", dtype=torch.float32)
+    rollouts.sync_weights(full=True)
+    with torch.no_grad():
+        svf.z_parameters()[2].add_(0.25)
+    rollouts.sync_weights()
+    assert runner.reloads[-1] == [f"{name}.weight" for name in svf.layer_names]
+    merged = copy.deepcopy(svf).merge_and_unload().state_dict()
+    for name, tensor in runner.model.net.state_dict().items():
+        assert torch.allclose(tensor, merged[name], atol=1e-5, rtol=1e-5), name
+
+
+def test_a_layerwise_reload_refuses_a_fused_projection_sent_in_part(tiny_tokenizer):
+    runner = FakeReloadingRunner(build_tiny_model(tiny_tokenizer, arch="llama"))
+    gate, up = (torch.zeros(1), torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.mlp\.gate_up_proj needs all of \['gate_proj', 'up_proj'\]"):
+        load_into_model_runner(runner, [("model.layers.0.mlp.gate_proj.weight", gate)])
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp\.gate_up_proj"):  # complete in layer 0 only
+        load_into_model_runner(runner, [("model.layers.0.mlp.gate_proj.weight", gate),
+                                        ("model.layers.0.mlp.up_proj.weight", up),
+                                        ("model.layers.1.mlp.up_proj.weight", up)])
+    assert runner.reloads == []
+
+
+def test_z_payload_round_trips_exactly_and_the_message_stays_small(tmp_path):
+    z = {"a.b": torch.randn(7), "c": torch.randn(30_000)}
+    message = encode_z(z, str(tmp_path))
+    back = decode_z(message)
+    assert sorted(back) == ["a.b", "c"] and all(torch.equal(back[k], z[k]) for k in z)
+    assert len(message) < 200 and [p.name for p in tmp_path.iterdir()] == ["z.safetensors"]  # no partial file left
 
 
 def test_sync_bytes_match_the_payloads_and_llama_sizes(tiny_tokenizer):

