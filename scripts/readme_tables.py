@@ -108,10 +108,10 @@ TABLES = [
     Table("vllm-cpu-smoke", "results/vllm_cpu_smoke.json",
           "VLLM_CPU_KVCACHE_SPACE=1 python scripts/gpu_smoke.py --world <built-in world> --device cpu --dtype float32 "
           "--steps 100 --vllm all --server-url http://127.0.0.1:8011 --json results/vllm_cpu_smoke.json", "",
-          "with `bash scripts/serve_vllm.sh <built-in world> 8011` running, both in the vllm-cpu environment below"),
+          "with `bash scripts/serve_vllm.sh <built-in world> 8011` running, both in the vllm-cpu environment above"),
     Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
           "python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear --repeats 2 (then --modes "
-          "colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment below"),
+          "colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment above"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
           _GRID_NOTE),
