@@ -10,11 +10,13 @@ For each SVF target set it builds the model once (SVD factors cached under ~/.ca
 * colocate: an engine in this process; z-only and merged-weight sync.
 The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
 each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
-rebuilding W' from z and loading it, `transfer` the rest of the round trip (encoding, HTTP, decoding).
+rebuilding W' from z and loading it, `transfer` the rest of the round trip (writing z, the RPC, reading z); an
+empty RPC and one carrying z inline as JSON are timed beside it.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import statistics
@@ -73,14 +75,20 @@ def start_server(model_dir: Path, port: int, log_path: Path, timeout: float = 60
     raise RuntimeError(f"the vLLM server did not answer within {timeout:.0f} s; see {log_path}")
 
 
-def rpc_round_trip(engine, repeats: int = 5) -> float:
-    """Median seconds of an RPC that does nothing (`svf_ping`): the floor under any z-only transfer."""
+def rpc_round_trip(engine, *args: str, repeats: int = 5) -> float:
+    """Median seconds of an RPC that does nothing (`svf_ping`), empty or carrying `args`."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        engine.rpc("svf_ping")
+        engine.rpc("svf_ping", *args)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def inline_z_message(model) -> str:
+    """z as one JSON string of base64 float32 (the way to send it without a shared file), for timing only."""
+    return json.dumps({name: base64.b64encode(z.detach().float().cpu().numpy().tobytes()).decode()
+                       for name, z in model.get_z().items()})
 
 
 def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
@@ -99,7 +107,9 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
         values = [r[key] for r in rows if r.get(key) is not None]
         return statistics.median(values) if values else None
 
-    return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
+    inline = inline_z_message(model)
+    return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "inline_z_bytes": len(inline),
+            "inline_z_rpc_seconds": rpc_round_trip(engine, inline), "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
             first["seconds"], "seconds": median("seconds"), "worker_seconds": median("worker_seconds"),
             "transfer_seconds": median("transfer_seconds")}
 
@@ -148,12 +158,14 @@ def main(argv=None):
             server.wait(timeout=60)
     print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
     print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} {'total ms':>9} {'worker ms':>10} {'transfer ms':>12} "
-          f"{'empty RPC ms':>13}")
+          f"{'empty RPC ms':>13} {'RPC with z inline ms':>21}")
     for r in results["runs"]:
         ms = {k: "" if r[k] is None else f"{1e3 * r[k]:.1f}" for k in ("seconds", "worker_seconds",
-                                                                         "transfer_seconds", "empty_rpc_seconds")}
+                                                                         "transfer_seconds", "empty_rpc_seconds",
+                                                                         "inline_z_rpc_seconds")}
         print(f"{r['targets']:<11} {r['mode']:<9} {r['sync']:<7} {r['bytes'] / 1e6:>8.2f} {ms['seconds']:>9} "
-              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12} {ms['empty_rpc_seconds']:>13}")
+              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12} {ms['empty_rpc_seconds']:>13} "
+              f"{ms['inline_z_rpc_seconds']:>21}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -337,12 +337,13 @@ def _vllm_smoke_block(payload: dict) -> list[str]:
 def _vllm_sync_block(payload: dict) -> list[str]:
     """scripts/bench_vllm_sync.py's JSON: seconds and bytes per sync into a real vLLM engine."""
     lines = ["| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: rebuild + load W' | transfer "
-             "| an empty RPC |", "|---|---|---|---|---|---|---|---|"]
+             "| an empty RPC | an RPC carrying z inline |", "|---|---|---|---|---|---|---|---|---|"]
     for r in payload["runs"]:
-        ms = {k: "–" if r.get(k) is None else f"{1e3 * r[k]:,.1f} ms"
-              for k in ("seconds", "worker_seconds", "transfer_seconds", "empty_rpc_seconds")}
+        ms = {k: "–" if r.get(k) is None else f"{1e3 * r[k]:,.1f} ms" for k in (
+            "seconds", "worker_seconds", "transfer_seconds", "empty_rpc_seconds", "inline_z_rpc_seconds")}
         lines.append(f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms['seconds']} | "
-                     f"{ms['worker_seconds']} | {ms['transfer_seconds']} | {ms['empty_rpc_seconds']} |")
+                     f"{ms['worker_seconds']} | {ms['transfer_seconds']} | {ms['empty_rpc_seconds']} | "
+                     f"{ms['inline_z_rpc_seconds']} |")
     return lines
 
 
