@@ -159,6 +159,7 @@ def run_training(config, accelerator=None):
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
     rollouts = None
     if config.rollout_backend == "vllm":
+        from t2edit.models import resolve_model_path
         from t2edit.rollouts import make_vllm_rollouts
 
         # Only this (single) process talks to vLLM; make_vllm_rollouts refuses a multi-process launch. The
@@ -166,7 +167,9 @@ def run_training(config, accelerator=None):
         rollouts = make_vllm_rollouts(
             model, setup.tokenizer, mode=config.vllm_mode,
             sync=config.vllm_sync, base_url=config.vllm_server_url, accelerator=accelerator,
-            model_name=config.model, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+            # vLLM loads a directory or hub name: a shipped model's name becomes its dequantized directory
+            model_name=resolve_model_path(config.model) if config.model else None,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization)
     elif config.rollout_backend != "transformers":
         raise ValueError(f"rollout_backend={config.rollout_backend!r}; choose transformers or vllm")
     trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool.neighbour_prompts, config, rollouts=rollouts,

@@ -163,3 +163,29 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path):
     assert (out / "results.md").exists() and (out / "results.png").exists()
     assert (out / "svf" / "expert" / "expert_config.json").exists()
     assert (out / "svf" / "reward_curve.png").exists()
+
+
+def test_vllm_colocate_is_given_a_directory_for_a_model_named_by_alias(world_and_expert, tmp_path, monkeypatch):
+    """vLLM loads a directory or a hub name: a shipped model's short name must reach it as its directory."""
+    import t2edit.models
+    import t2edit.rollouts
+    from t2edit.jobs import run_training
+    from t2edit.training import TrainConfig
+
+    world, data, _ = world_and_expert
+    monkeypatch.setattr(t2edit.models, "resolve_model_path", lambda spec: world if spec == "my-shipped" else spec)
+    seen = {}
+
+    class Built(Exception):
+        """Stops the run once the vLLM backend would be built."""
+
+    def record(model, tokenizer, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(t2edit.rollouts, "make_vllm_rollouts", record)
+    with pytest.raises(Built):
+        run_training(TrainConfig(output_dir=str(tmp_path / "svf"), model="my-shipped", data=data, n_edits=2,
+                                 steps=1, save_every=0, eval_every=0, progress=False, rollout_backend="vllm",
+                                 vllm_mode="colocate"))
+    assert seen["model_name"] == world and seen["mode"] == "colocate"
