@@ -109,9 +109,9 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
 
     inline = inline_z_message(model)
     return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "inline_z_bytes": len(inline),
-            "inline_z_rpc_seconds": rpc_round_trip(engine, inline), "layers": rows[-1]["layers"], "bytes": rows[-1]["bytes"], "first_full_seconds":
-            first["seconds"], "seconds": median("seconds"), "worker_seconds": median("worker_seconds"),
-            "transfer_seconds": median("transfer_seconds")}
+            "inline_z_rpc_seconds": rpc_round_trip(engine, inline), "layers": rows[-1]["layers"],
+            "bytes": rows[-1]["bytes"], "first_full_seconds": first["seconds"], "seconds": median("seconds"),
+            "worker_seconds": median("worker_seconds"), "transfer_seconds": median("transfer_seconds")}
 
 
 def main(argv=None):

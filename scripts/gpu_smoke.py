@@ -78,6 +78,9 @@ class InProcessEngine:
     def rpc(self, method, *args):
         return [getattr(self.worker, method)(*args)]  # one result per worker, as vLLM answers
 
+    def needs_every_layer(self):
+        return False  # the copy loads in place
+
     def reset_prefix_cache(self):
         pass
 

@@ -218,6 +218,9 @@ class ServerEngine:
                                f"(scripts/serve_vllm.sh starts it so), or use vllm_sync: merged")
         return response.json()["results"]  # one result per worker
 
+    def needs_every_layer(self) -> bool:
+        return False  # W' goes over NCCL into a CUDA server, which loads it in place
+
     def reset_prefix_cache(self):
         self.client.reset_prefix_cache()
 
@@ -318,7 +321,7 @@ class VLLMRollouts:
                 transfer_seconds = time.perf_counter() - sent - worker_seconds
                 sent_bytes = json.loads(payload)["bytes"]
             else:
-                if getattr(self.engine, "needs_every_layer", lambda: False)():  # a layer-wise reload (vLLM on CPU)
+                if self.engine.needs_every_layer():  # a layer-wise reload (vLLM on CPU)
                     names = list(z)
                 weights = list(merged_svf_weights(self.model, self.dtype, names))
                 self.engine.load_weights(weights)
