@@ -10,8 +10,9 @@ For each SVF target set it builds the model once (SVD factors cached under ~/.ca
 * colocate: an engine in this process; z-only and merged-weight sync.
 The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
 each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
-rebuilding W' from z and loading it, `transfer` the rest of the round trip (writing z, the RPC, reading z); an
-empty RPC and one carrying z inline as JSON are timed beside it.
+rebuilding W' from z and loading it, `transfer` the rest of the round trip, split into `to worker` (writing z, the
+RPC, reading z) and `back` (the answer's way back); an empty RPC and one carrying z inline as JSON are timed beside
+it.
 """
 from __future__ import annotations
 
@@ -111,14 +112,17 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
     return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "inline_z_bytes": len(inline),
             "inline_z_rpc_seconds": rpc_round_trip(engine, inline), "layers": rows[-1]["layers"],
             "bytes": rows[-1]["bytes"], "first_full_seconds": first["seconds"], "seconds": median("seconds"),
-            "worker_seconds": median("worker_seconds"), "transfer_seconds": median("transfer_seconds")}
+            "worker_seconds": median("worker_seconds"), "transfer_seconds": median("transfer_seconds"),
+            "to_worker_seconds": median("to_worker_seconds"), "from_worker_seconds": median("from_worker_seconds"),
+            "transfer_seconds_max": max((r["transfer_seconds"] for r in rows if r["transfer_seconds"] is not None),
+                                        default=None)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="server,colocate")
     parser.add_argument("--targets", default="mlp,all-linear")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port", type=int, default=8021)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
@@ -157,15 +161,15 @@ def main(argv=None):
             server.terminate()
             server.wait(timeout=60)
     print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
-    print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} {'total ms':>9} {'worker ms':>10} {'transfer ms':>12} "
-          f"{'empty RPC ms':>13} {'RPC with z inline ms':>21}")
+    columns = {"seconds": "total ms", "worker_seconds": "worker ms", "transfer_seconds": "transfer ms",
+               "transfer_seconds_max": "(max)", "to_worker_seconds": "to worker ms", "from_worker_seconds": "back ms",
+               "empty_rpc_seconds": "empty RPC ms", "inline_z_rpc_seconds": "RPC with z inline ms"}
+    print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} " + " ".join(f"{title:>{len(title)}}"
+                                                                       for title in columns.values()))
     for r in results["runs"]:
-        ms = {k: "" if r[k] is None else f"{1e3 * r[k]:.1f}" for k in ("seconds", "worker_seconds",
-                                                                         "transfer_seconds", "empty_rpc_seconds",
-                                                                         "inline_z_rpc_seconds")}
-        print(f"{r['targets']:<11} {r['mode']:<9} {r['sync']:<7} {r['bytes'] / 1e6:>8.2f} {ms['seconds']:>9} "
-              f"{ms['worker_seconds']:>10} {ms['transfer_seconds']:>12} {ms['empty_rpc_seconds']:>13} "
-              f"{ms['inline_z_rpc_seconds']:>21}")
+        cells = ["" if r[key] is None else f"{1e3 * r[key]:.1f}" for key in columns]
+        print(f"{r['targets']:<11} {r['mode']:<9} {r['sync']:<7} {r['bytes'] / 1e6:>8.2f} "
+              + " ".join(f"{cell:>{len(title)}}" for cell, title in zip(cells, columns.values())))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

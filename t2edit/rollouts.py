@@ -308,17 +308,21 @@ class VLLMRollouts:
                 self._send_factors()
         names = self.changed_layers(full)
         z = self.model.get_z()
-        worker_seconds = transfer_seconds = None  # z-only sync: split of the round trip
+        split = dict.fromkeys(("worker_seconds", "transfer_seconds", "to_worker_seconds", "from_worker_seconds"))
         if names:
             if self.sync == "z":
                 from t2edit.vllm_worker import encode_z
 
-                sent = time.perf_counter()
+                sent, sent_wall = time.perf_counter(), time.time()
                 payload = encode_z({name: z[name] for name in names}, self._z_directory())
                 results = self.engine.rpc("svf_set_z", payload)
-                # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer.
-                worker_seconds = max(r["seconds"] for r in results)
-                transfer_seconds = time.perf_counter() - sent - worker_seconds
+                back, back_wall = time.perf_counter(), time.time()
+                # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer: writing
+                # z and the RPC until a worker has it, and the answer's way back (wall clocks of one machine).
+                split["worker_seconds"] = max(r["seconds"] for r in results)
+                split["transfer_seconds"] = back - sent - split["worker_seconds"]
+                split["to_worker_seconds"] = max(r["arrived"] for r in results) - sent_wall
+                split["from_worker_seconds"] = back_wall - max(r["left"] for r in results)
                 sent_bytes = json.loads(payload)["bytes"]
             else:
                 if self.engine.needs_every_layer():  # a layer-wise reload (vLLM on CPU)
@@ -331,13 +335,14 @@ class VLLMRollouts:
             sent_bytes = 0
         self.sent_z = z
         self.last_sync = {"layers": len(names), "bytes": sent_bytes, "full": full,
-                          "seconds": time.perf_counter() - started, "worker_seconds": worker_seconds,
-                          "transfer_seconds": transfer_seconds}
+                          "seconds": time.perf_counter() - started, **split}
 
     def _z_directory(self) -> str:
         """Where z files for the workers go (same machine, like the factors); removed with this object."""
         if self.z_directory is None:
-            self.z_directory = tempfile.mkdtemp(prefix="t2edit-svf-z-")
+            from t2edit.vllm_worker import z_directory
+
+            self.z_directory = z_directory()
             weakref.finalize(self, shutil.rmtree, self.z_directory, True)
         return self.z_directory
 
