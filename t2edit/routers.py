@@ -67,14 +67,22 @@ def expert_edits(model: AdaptiveModel) -> list[list[dict]]:
 
 
 @torch.no_grad()
-def encode(model: AdaptiveModel, tokenizer, prompts: Sequence[str], batch_size: int = 64) -> list[PromptBatch]:
-    """Pass 1 over prompts (no answers), in batches."""
+def encode(model: AdaptiveModel, tokenizer, prompts: Sequence[str], batch_size: int = 64,
+           cache: dict | None = None) -> list[PromptBatch]:
+    """Pass 1 over prompts (no answers), in batches. `cache`: a dict the caller keeps for one unedited base model
+    (pass 1 never sees the experts), so the same prompts run once: an evaluation in single mode fits a router per
+    edit on the same negatives, and the hybrid router fits two routers on them."""
     if tokenizer.padding_side != "left":
         raise ValueError("routing reads each prompt's last token; set tokenizer.padding_side = 'left'")
+    key = (tuple(prompts), batch_size)
+    if cache is not None and key in cache:
+        return cache[key]
     batches = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(model.device)
         batches.append(model.pass1(enc["input_ids"], enc["attention_mask"]))
+    if cache is not None:
+        cache[key] = batches
     return batches
 
 
@@ -95,7 +103,7 @@ class EmbeddingRouter(ExpertRouter):
     def __init__(self, margin: float = 0.5):
         self.margin = margin
 
-    def fit(self, model, tokenizer=None, negatives=(), **_):
+    def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
         super().fit(model)
         missing = [n for n, e in zip(model.expert_names(), model.experts) if e.router is None]
         if missing:
@@ -107,8 +115,8 @@ class EmbeddingRouter(ExpertRouter):
         self.key_owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(self.keys)])
         self.thresholds = torch.tensor([e.router.threshold for e in model.experts])
         if negatives:
-            states = F.normalize(torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer,
-                                                                                      list(negatives))]), dim=-1)
+            states = F.normalize(torch.cat([b.last_state.float().cpu() for b in encode(
+                model, tokenizer, list(negatives), cache=pass1_cache)]), dim=-1)
             closest = self._per_expert_max(states @ self.all_keys.T).max(0).values
             self.thresholds = torch.maximum(self.thresholds, (closest + self.margin * (1 - closest)).clamp(
                 max=1 - 1e-4))
@@ -154,7 +162,7 @@ class ScopeRouter(ExpertRouter):
         # The subject's tokens may be keyed at another layer than the relation's (aliases share meaning, not tokens).
         self.subject_layer = layer if subject_layer is None else subject_layer
 
-    def fit(self, model, tokenizer=None, negatives=(), **_):
+    def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
         super().fit(model)
         if tokenizer is None:
             raise ValueError("the scope router needs the tokenizer")
@@ -183,7 +191,8 @@ class ScopeRouter(ExpertRouter):
         if self.fixed_threshold is not None:
             self.threshold = self.fixed_threshold
         elif negatives:
-            best = torch.cat([self._scores(b).max(-1).values for b in encode(model, tokenizer, list(negatives))])
+            best = torch.cat([self._scores(b).max(-1).values
+                              for b in encode(model, tokenizer, list(negatives), cache=pass1_cache)])
             closest = best.quantile(self.quantile).item()
             self.threshold = min(closest + self.margin * (1 - closest), 1 - 1e-4)
         else:
@@ -303,7 +312,7 @@ class SplitScopeRouter(ScopeRouter):
         self.relation_threshold = 0.8
         self.dropped = 0
         if negatives:
-            parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives))]
+            parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives), cache=kwargs.get("pass1_cache"))]
             subject, relation = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             restating = (subject >= self.restated) & (relation >= self.restated)
             self.dropped = int(restating.any(-1).sum())
@@ -380,6 +389,7 @@ class HybridRouter(ExpertRouter):
 
     def fit(self, model, tokenizer=None, negatives=(), **kwargs):
         super().fit(model)
+        kwargs = {"pass1_cache": {}, **kwargs}  # both routers read the negatives' pass 1: run it once
         self.scope.fit(model, tokenizer, negatives, **kwargs)
         self.embedding.fit(model, tokenizer, negatives, **kwargs)
         return self
@@ -417,7 +427,7 @@ class ClassifierRouter(ExpertRouter):
     def __init__(self, steps: int = 300, lr: float = 0.05, min_confidence: float = 0.5):
         self.steps, self.lr, self.min_confidence = steps, lr, min_confidence
 
-    def fit(self, model, tokenizer=None, negatives=(), **_):
+    def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
         super().fit(model)
         if not negatives:
             raise ValueError("the classifier router needs negative prompts (other facts) to learn 'none'")
@@ -425,10 +435,11 @@ class ClassifierRouter(ExpertRouter):
         for k, edits in enumerate(expert_edits(model)):
             prompts += [e["prompt"] for e in edits]
             labels += [k] * len(edits)
-        prompts += list(negatives)
         labels += [model.num_experts] * len(negatives)
-        states = torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer, prompts)])
-        self.centre = states[len(prompts) - len(negatives):].mean(0)
+        # Edit prompts and negatives in separate passes: the negatives' states are the same for every fit.
+        states = torch.cat([b.last_state.float().cpu() for b in encode(model, tokenizer, prompts)
+                            + encode(model, tokenizer, list(negatives), cache=pass1_cache)])
+        self.centre = states[len(prompts):].mean(0)
         x = F.normalize(states - self.centre, dim=-1)
         y = torch.tensor(labels)
         counts = torch.bincount(y, minlength=model.num_experts + 1).float().clamp(min=1)

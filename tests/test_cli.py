@@ -83,6 +83,36 @@ def test_eval_routes_an_expert_with_a_named_router(world_and_expert, tmp_path, c
     assert weights[:4, 0].tolist() == [1.0] * 4 and weights[4:, -1].tolist() == [1.0] * len(locality)
 
 
+def test_single_mode_runs_the_router_negatives_through_pass_1_once(world_and_expert, monkeypatch):
+    """One router fit per record (single mode) on the same negatives: their pass 1 runs at the first fit only, and
+    later fits calibrate exactly as a fresh fit does."""
+    from t2edit.adaptation import AdaptiveModel
+    from t2edit.jobs import load_setup, make_editor
+
+    world, data, expert = world_and_expert
+    setup = load_setup(world, data, 0, 4)
+    rows_through_pass1 = []
+    original = AdaptiveModel.pass1
+    monkeypatch.setattr(AdaptiveModel, "pass1", lambda self, input_ids, *a, **k: (
+        rows_through_pass1.append(len(input_ids)), original(self, input_ids, *a, **k))[1])
+
+    def fit_once(editor):
+        rows_through_pass1.clear()
+        edited = editor.edit(setup.model, setup.tokenizer, setup.edits)
+        router = edited.model.router
+        edited.restore()
+        return sum(rows_through_pass1), (router.subject_threshold.tolist(), router.relation_threshold)
+
+    editor = make_editor("svf", setup, str(expert), router="scope-split")
+    negatives = len(editor.router_negatives)
+    first_rows, first = fit_once(editor)
+    second_rows, second = fit_once(editor)
+    fresh_rows, fresh = fit_once(make_editor("svf", setup, str(expert), router="scope-split"))
+    assert negatives > 0 and first_rows == fresh_rows >= negatives
+    assert second_rows == first_rows - negatives  # the edits' own prompts and targets only
+    assert second == first == fresh
+
+
 def test_eval_refuses_a_router_that_needs_labels(world_and_expert, tmp_path, capsys):
     assert _eval_expert(world_and_expert, tmp_path, "--n", "4", "--router", "oracle") == 2
     err = _errors(capsys)

@@ -50,6 +50,10 @@ class SVFEditor(Editor):
         self.calls = 0
         self.trained_experts = {} if trained_experts is None else trained_experts
         self.report: dict = {}  # merged into the evaluation's `extra`: whether the expert was loaded or trained
+        # Pass 1 of the router negatives on the unedited base model, kept across edit calls (single mode fits a
+        # router per record on the same negatives); reset when another base model comes in.
+        self._pass1_cache: dict = {}
+        self._pass1_model = None
 
     def edit(self, model, tokenizer, records):
         key = tuple((r.prompt, tuple(r.target_new)) for r in records)
@@ -79,8 +83,10 @@ class SVFEditor(Editor):
             from t2edit.routers import get_router
 
             started = time.perf_counter()
+            if self._pass1_model is not model:
+                self._pass1_cache, self._pass1_model = {}, model
             adaptive = AdaptiveModel(svf_model, [expert], get_router(self.router), tokenizer,
-                                     negatives=self.router_negatives)
+                                     negatives=self.router_negatives, pass1_cache=self._pass1_cache)
             self.report["router_fit_seconds"] = round(time.perf_counter() - started, 2)
             return EditedModel(model=adaptive.eval(), restore=svf_model.unload)
         if expert.router is None:
