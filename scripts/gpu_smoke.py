@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -113,6 +114,7 @@ def train(args, world, label, make_rollouts):
     trainer.train()
     synchronize(args.device)
     rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(config.output_dir, ignore_errors=True)  # the trained model stays in memory; its files go
     after = rows[-1]["edit_success_greedy"]
     figures = {"run": label, "device": args.device, "dtype": args.dtype, "edits": len(setup.edits),
                "steps": len(rows), "edit_success_before": before, "edit_success_after": after,

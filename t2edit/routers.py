@@ -355,6 +355,23 @@ class SplitScopeRouter(ScopeRouter):
         recall = self._recall_all(vectors, weights, empty, query, batch.prompt_mask().to(query.device)).cpu()
         return torch.where(empty.cpu()[None], torch.zeros_like(recall), recall)
 
+    def _answer_in_text(self, batch, asked: torch.Tensor, passing: torch.Tensor) -> torch.Tensor:
+        """[batch, edits]: the prompt asks the edit's relation and its text holds the edit's new answer, with the
+        edit's subject passing (or found as text). Each distinct answer is looked for once per prompt: many edits
+        of one relation share answers ("English"), and one test per (prompt, edit) pair cost ~10⁴ substring tests
+        a batch at hundreds of edits."""
+        found = torch.zeros_like(asked)
+        edits = [e for e in asked.any(0).nonzero().flatten().tolist() if self.target_words[e].strip()]
+        if not edits:
+            return found
+        texts = [f" {normalize_answer(t)} " for t in batch.texts]
+        in_text = {words: torch.tensor([words in text for text in texts])
+                   for words in {self.target_words[e] for e in edits}}
+        found[:, edits] = asked[:, edits] & torch.stack([in_text[self.target_words[e]] for e in edits], 1)
+        for row, edit in (found & ~passing).nonzero().tolist():  # subject not passing: found as text, or no veto
+            found[row, edit] = self.subject_words[edit] in texts[row]
+        return found
+
     def weights(self, batch):
         subject, relation = self._parts(batch)
         asked = relation >= self.relation_threshold
@@ -365,11 +382,7 @@ class SplitScopeRouter(ScopeRouter):
             # of A, which is not B, is", B's spouse edited too). The subject may also be found as text: a tokenizer
             # may glue punctuation to it ("Norberg,").
             asks_answer = passing & (self._target_scores(batch) >= self.target_veto)
-            texts = [f" {normalize_answer(t)} " for t in batch.texts]
-            for row, edit in asked.nonzero().tolist():
-                words, text = self.target_words[edit], texts[row]
-                if words.strip() and words in text and (passing[row, edit] or self.subject_words[edit] in text):
-                    asks_answer[row, edit] = True
+            asks_answer |= self._answer_in_text(batch, asked, passing)
             passing &= ~asks_answer.any(-1, keepdim=True)
         scores = torch.where(passing, torch.minimum(subject, relation), torch.full_like(subject, -1.0))
         best_score, best_edit = scores.max(-1)
