@@ -57,6 +57,23 @@ def test_automatic_routers_send_edit_prompts_to_their_expert_and_negatives_nowhe
     assert torch.allclose(weights.sum(-1), torch.ones(len(weights)))
 
 
+@pytest.mark.parametrize("name", ["embedding", "scope", "scope-split", "classifier"])
+def test_fits_sharing_a_pass1_cache_run_the_negatives_once_and_keep_only_the_layers_they_read(adaptive_factory,
+                                                                                               name):
+    make, tokenizer = adaptive_factory
+    cache = {}
+    make(get_router(name), pass1_cache=cache)
+    entries = dict(cache)
+    cached = make(get_router(name), pass1_cache=cache)
+    fresh = make(get_router(name))
+    assert len(entries) == 1 and cache == entries  # the second fit found the negatives' pass 1 there
+    kept = [i for i, h in enumerate(next(iter(cache.values()))[0].hidden_states) if h is not None]
+    total = len(next(iter(cache.values()))[0].hidden_states)
+    assert 1 <= len(kept) <= 2 < total, kept
+    prompts = [r.prompt for r in EDITS] + NEGATIVES + TEXTS
+    assert torch.equal(_route(cached, tokenizer, prompts), _route(fresh, tokenizer, prompts))
+
+
 def test_scope_router_recognises_an_alias_and_a_two_hop_question_but_not_another_relation(adaptive_factory):
     make, tokenizer = adaptive_factory
     model = make(get_router("scope"))
