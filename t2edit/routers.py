@@ -170,6 +170,21 @@ class ScopeRouter(ExpertRouter):
         self.subject_layer = layer if subject_layer is None else subject_layer
 
     def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
+        self._build_keys(model, tokenizer, negatives)
+        if self.fixed_threshold is not None:
+            self.threshold = self.fixed_threshold
+        elif negatives:
+            best = torch.cat([self._scores(b).max(-1).values
+                              for b in encode(model, tokenizer, list(negatives), cache=pass1_cache,
+                                              layers=[self.layer, self.subject_layer])])
+            closest = best.quantile(self.quantile).item()
+            self.threshold = min(closest + self.margin * (1 - closest), 1 - 1e-4)
+        else:
+            self.threshold = 0.8  # without negatives: a default; calibrate for real use
+        return self
+
+    def _build_keys(self, model, tokenizer, negatives):
+        """Each edit's subject and relation keys, with idf weights from the edit prompts and the negatives."""
         super().fit(model)
         if tokenizer is None:
             raise ValueError("the scope router needs the tokenizer")
@@ -195,17 +210,6 @@ class ScopeRouter(ExpertRouter):
             idf = self.idf(ids)
             self.subject_keys.append((subject_states[in_subject], idf[in_subject]))
             self.relation_keys.append((states[~in_subject], idf[~in_subject]))
-        if self.fixed_threshold is not None:
-            self.threshold = self.fixed_threshold
-        elif negatives:
-            best = torch.cat([self._scores(b).max(-1).values
-                              for b in encode(model, tokenizer, list(negatives), cache=pass1_cache,
-                                              layers=[self.layer, self.subject_layer])])
-            closest = best.quantile(self.quantile).item()
-            self.threshold = min(closest + self.margin * (1 - closest), 1 - 1e-4)
-        else:
-            self.threshold = 0.8  # without negatives: a default; calibrate for real use
-        return self
 
     def _tokens(self, model, tokenizer, texts: Sequence[str]):
         """Per text, its real tokens (padding and special tokens dropped): (ids, character offsets, unit-norm pass-1
@@ -302,9 +306,8 @@ class SplitScopeRouter(ScopeRouter):
         # tokens, so the relation wants more room than the subject (README, "Routing on SmolLM2-135M").
         self.relation_margin = margin if relation_margin is None else relation_margin
 
-    def fit(self, model, tokenizer=None, negatives=(), **kwargs):
-        self.fixed_threshold = 0.0  # the parent builds the keys; the thresholds are set below
-        super().fit(model, tokenizer, negatives, **kwargs)
+    def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
+        self._build_keys(model, tokenizer, negatives)  # the parent's keys; the thresholds are this class's own
         edits = [e for es in expert_edits(model) for e in es]
         self.target_keys = None
         if self.target_veto is not None:
@@ -320,7 +323,7 @@ class SplitScopeRouter(ScopeRouter):
         self.relation_threshold = 0.8
         self.dropped = 0
         if negatives:
-            parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives), cache=kwargs.get("pass1_cache"),
+            parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives), cache=pass1_cache,
                                                     layers=[self.layer, self.subject_layer])]
             subject, relation = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             restating = (subject >= self.restated) & (relation >= self.restated)
