@@ -147,13 +147,13 @@ def _method_block(payload: dict) -> list[str]:
              + ", ".join(means) + "."]
     def seconds(r) -> str:
         text = f"{r.method} {r.extra['edit_seconds'] / r.n_records:.1f}"
-        # An SVF row evaluated with a trained expert only loads it: its training time is not an edit time of 0.
-        # (Rows written before editors reported "expert" are recognised by their near-zero edit time.)
-        loaded = r.extra.get("expert") == "loaded" or (
-            "expert" not in r.extra and r.method.startswith("svf") and r.extra["edit_seconds"] / r.n_records < 1.0)
-        if not loaded:
+        # An SVF row evaluated with a trained expert only loads (or reuses) it: its training time is not an edit
+        # time of 0.
+        origin = r.extra.get("expert")
+        if origin not in ("loaded", "reused"):
             return text
-        notes = ["expert trained beforehand, loaded"]
+        notes = ["expert trained beforehand, loaded" if origin == "loaded" else
+                 "reuses the experts the svf row trained"]
         if "router_fit_seconds" in r.extra:
             notes.append(f"router fitted in {r.extra['router_fit_seconds']:.0f} s")
         elif r.method.startswith("svf ("):

@@ -113,6 +113,26 @@ def test_single_mode_runs_the_router_negatives_through_pass_1_once(world_and_exp
     assert second == first == fresh
 
 
+def test_svf_methods_of_one_evaluation_say_whether_their_expert_was_trained_or_reused(world_and_expert, tmp_path):
+    """svf and svf-always share the experts one of them trained: only that one's edit time includes the training
+    (the README's seconds-per-edit line reads this report)."""
+    from dataclasses import replace
+
+    from t2edit.jobs import load_setup, make_editor
+    from t2edit.training import TrainConfig, apply_preset
+
+    world, data, _ = world_and_expert
+    setup = load_setup(world, data, 0, 2)
+    config = replace(apply_preset(TrainConfig(output_dir=str(tmp_path), progress=False)), steps=2, save_every=0)
+    shared = {}
+    reports = []
+    for method in ("svf", "svf-always", "svf"):
+        editor = make_editor(method, setup, train_config=config, trained_experts=shared)
+        editor.edit(setup.model, setup.tokenizer, setup.edits).restore()
+        reports.append(editor.report["expert"])
+    assert reports == ["trained", "reused", "reused"] and len(shared) == 1
+
+
 def test_eval_refuses_a_router_that_needs_labels(world_and_expert, tmp_path, capsys):
     assert _eval_expert(world_and_expert, tmp_path, "--n", "4", "--router", "oracle") == 2
     err = _errors(capsys)

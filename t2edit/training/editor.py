@@ -62,6 +62,7 @@ class SVFEditor(Editor):
             expert = Expert.from_pretrained(self.expert_dir)
             svf_model = expert.load_into(model)
         elif key in self.trained_experts:  # trained for these edits by the other svf method of this evaluation
+            self.report["expert"] = "reused"  # its training time is that method's edit time, not this one's
             expert = self.trained_experts[key]
             svf_model = expert.load_into(model)
         else:
