@@ -319,6 +319,10 @@ def _gpu_smoke_block(payload: dict) -> list[str]:
     return _transcribed(payload["columns"], [[r["what"], r["figure"]] for r in payload["rows"]])
 
 
+def _milliseconds(seconds: float | None) -> str:
+    return "–" if seconds is None else "< 0.1 ms" if seconds < 5e-5 else f"{1e3 * seconds:,.1f} ms"
+
+
 def _vllm_smoke_block(payload: dict) -> list[str]:
     """scripts/gpu_smoke.py's JSON: one row per training run (HF rollouts, then each vLLM mode and sync path)."""
     lines = ["| rollouts | edit success before → after | s / step | rollout tokens/s | sync per step (median) "
@@ -327,8 +331,7 @@ def _vllm_smoke_block(payload: dict) -> list[str]:
         if not isinstance(run, dict) or "run" not in run:
             continue
         sync, transfer, sent = (run.get(f"median_{k}") for k in ("time_sync", "time_sync_transfer", "sync_bytes"))
-        cells = ["–" if sync is None else f"{1e3 * sync:.1f} ms", "–" if transfer is None else f"{1e3 * transfer:.1f} ms",
-                 "–" if sent is None else f"{sent:,}"]
+        cells = [_milliseconds(sync), _milliseconds(transfer), "–" if sent is None else f"{sent:,}"]
         lines.append(f"| {run['run']} | {run['edit_success_before']:.2f} → {run['edit_success_after']:.2f} | "
                      f"{run['seconds_per_step']:.2f} | {run['rollout_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
     return lines
@@ -339,10 +342,7 @@ def _vllm_sync_block(payload: dict) -> list[str]:
     lines = ["| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: rebuild + load W' | transfer "
              "(median; max) | of it: there / back | an empty RPC | an RPC carrying z inline |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def ms(value):
-        return "–" if value is None else "< 0.1 ms" if value < 5e-5 else f"{1e3 * value:,.1f} ms"
-
+    ms = _milliseconds
     for r in payload["runs"]:
         transfer = ms(r["transfer_seconds"])
         if r.get("transfer_seconds_max") is not None:
