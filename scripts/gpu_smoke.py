@@ -10,10 +10,11 @@ when something is wrong.
 Checks, each an assertion:
 1. a short REINFORCE training in `--dtype` with HF rollouts raises greedy edit success on the edit prompts;
 2. after a sync, a copy of the base model loaded through each sync path (merged W' in the server dtype; z only,
-   recomposed by `SVFWorkerExtension`) answers the edit prompts greedily exactly as the policy does;
+   recomposed by `SVFWorkerExtension`, sent as a file as to a server or as tensors as in colocate mode) answers
+   the edit prompts greedily exactly as the policy does;
 3. with `--vllm`, the same training and check with vLLM rollouts (server and/or colocate, z-only and merged).
-Prints step time, rollout tokens/s and sync (payload build / recompose) time, and the bytes per sync of
-Llama-3.2-1B-shaped SVF layers with the time to rebuild them on this device.
+Prints step time, rollout tokens/s and sync (payload build / recompose) time, and, on a GPU, bytes and seconds per
+sync of Llama-3.2-1B-shaped SVF layers through the worker (transfer and rebuild apart; vLLM's own hop excepted).
 
 Needs only torch, transformers and t2edit (no trl, datasets or wandb): the world directory holds the model.
 """
@@ -34,15 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from t2edit.jobs import load_setup  # noqa: E402
-from t2edit.rollouts import (ColocateEngine, HFRollouts, VLLMRollouts, make_vllm_rollouts, merged_svf_weights,  # noqa: E402
-                             start_colocated_engine, sync_bytes)
+from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_3_2_1b_layers,  # noqa: E402
+                             make_vllm_rollouts, merged_svf_weights, start_colocated_engine, sync_bytes)
 from t2edit.svf import apply_svf  # noqa: E402
 from t2edit.leakage import learning_pool  # noqa: E402
 from t2edit.training import SVFTrainer, TrainConfig, greedy_answers  # noqa: E402
 from t2edit.vllm_worker import SVFWorkerExtension, encode_z, recompose  # noqa: E402
-
-LLAMA_1B = dict(hidden=2048, mlp=8192, layers=16, heads=32, kv_heads=8, head_dim=64)
-
 
 def synchronize(device):
     if torch.device(device).type == "cuda":
@@ -50,14 +48,14 @@ def synchronize(device):
 
 
 class CopyModel:
-    """Stands in for vLLM's model: `load_weights([(hf_name, tensor)])` into a copy of the base model."""
+    """Stands in for vLLM's model: `load_weights([(hf_name, tensor)])` into named tensors (a copy of the base model's
+    parameters, or bare tensors of the right shapes), in place as vLLM does on CUDA."""
 
-    def __init__(self, base):
-        self.net = base
-        self.params = dict(base.named_parameters())
+    def __init__(self, params: dict[str, torch.Tensor], net=None):
+        self.net, self.params = net, params
 
     def parameters(self):
-        return self.net.parameters()
+        return iter(self.params.values())
 
     @torch.no_grad()
     def load_weights(self, weights):
@@ -65,28 +63,44 @@ class CopyModel:
             self.params[name].copy_(tensor)
 
 
-class InProcessEngine:
-    """An engine whose worker is `SVFWorkerExtension` over a `CopyModel` in this process (no vLLM needed)."""
+class InProcessLLM:
+    """vLLM's `LLM` under TRL's external launcher, without vLLM: its worker is `SVFWorkerExtension` over a
+    `CopyModel` in this process, and `collective_rpc` calls it directly. `ColocateEngine(InProcessLLM(...))` is the
+    colocate path (z handed over as tensors, merged W' loaded in place); `InProcessServer` the server path."""
 
-    def __init__(self, base, device, dtype):
+    def __init__(self, served: CopyModel, device, dtype):
         self.worker = type("Worker", (SVFWorkerExtension,), {})()
-        self.worker.device, self.worker.model_runner = torch.device(device), SimpleNamespace(model=CopyModel(base))
-        self._dtype = dtype
+        self.worker.device, self.worker.model_runner = torch.device(device), SimpleNamespace(model=served)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=self.worker),
+                                          model_config=SimpleNamespace(dtype=dtype))
 
-    def load_weights(self, weights):
-        self.worker.model_runner.model.load_weights(weights)
-
-    def rpc(self, method, *args):
+    def collective_rpc(self, method, args=()):
         return [getattr(self.worker, method)(*args)]  # one result per worker, as vLLM answers
 
-    def needs_every_layer(self):
-        return False  # the copy loads in place
+    def reset_prefix_cache(self):
+        pass
+
+
+class InProcessServer(ServerEngine):
+    """The server path's z sync (a file in shared memory named by a string RPC), the "server" being this process:
+    everything of it but vLLM's HTTP hop."""
+
+    def __init__(self, llm: InProcessLLM):
+        super().__init__(client=None, base_url="in-process")
+        self.llm = llm
+
+    def rpc(self, method, *args: str):
+        return self.llm.collective_rpc(method, args)
 
     def reset_prefix_cache(self):
         pass
 
     def dtype(self):
-        return self._dtype
+        return self.llm.llm_engine.model_config.dtype
+
+
+def served_copy(base) -> CopyModel:
+    return CopyModel(dict(base.named_parameters()), net=base)
 
 
 def build(args, world):
@@ -130,24 +144,26 @@ def train(args, world, label, make_rollouts):
 
 
 def check_sync_paths(args, model, pristine, setup):
-    """Both sync paths bring a copy of the base model to the policy's greedy answers; times the payload build."""
+    """Every sync path brings a copy of the base model to the policy's greedy answers; times the payload build."""
     prompts = [r.prompt for r in setup.edits]
     policy = greedy_answers(model, setup.tokenizer, prompts, 8)
+    dtype = getattr(torch, args.dtype)
     figures = {}
-    for sync in ("merged", "z"):
-        engine = InProcessEngine(copy.deepcopy(pristine), args.device, getattr(torch, args.dtype))
-        rollouts = VLLMRollouts(model, setup.tokenizer, engine, sync=sync)
+    for label, sync, engine_type in (("merged", "merged", ColocateEngine), ("z_file", "z", InProcessServer),
+                                     ("z_tensors", "z", ColocateEngine)):
+        llm = InProcessLLM(served_copy(copy.deepcopy(pristine)), args.device, dtype)
+        rollouts = VLLMRollouts(model, setup.tokenizer, engine_type(llm), sync=sync)
         rollouts.sync_weights(full=True)
-        served = greedy_answers(engine.worker.model_runner.model.net, setup.tokenizer, prompts, 8)
+        served = greedy_answers(llm.worker.model_runner.model.net, setup.tokenizer, prompts, 8)
         agree = sum(a == b for a, b in zip(served, policy)) / len(prompts)
-        figures[f"{sync}_sync_agreement"] = agree
-        assert agree == 1.0, f"{sync} sync: served answers differ from the policy's on {1 - agree:.0%} of prompts"
+        figures[f"{label}_sync_agreement"] = agree
+        assert agree == 1.0, f"{label} sync: served answers differ from the policy's on {1 - agree:.0%} of prompts"
     with torch.no_grad():  # a changed z forces every W' to be rebuilt, as after an optimizer step
         for z in model.z_parameters():
             z.add_(1e-3)
     synchronize(args.device)
     started = time.perf_counter()
-    weights = list(merged_svf_weights(model, getattr(torch, args.dtype)))
+    weights = list(merged_svf_weights(model, dtype))
     synchronize(args.device)
     figures["merged_payload_build_ms"] = 1e3 * (time.perf_counter() - started)
     figures["merged_payload_bytes"] = sum(w.numel() * w.element_size() for _, w in weights)
@@ -160,45 +176,80 @@ def check_sync_paths(args, model, pristine, setup):
     return figures
 
 
-def llama_1b_shapes(all_linear: bool):
-    h, m, n = LLAMA_1B["hidden"], LLAMA_1B["mlp"], LLAMA_1B["layers"]
-    per_layer = [(m, h), (m, h), (h, m)]
-    if all_linear:
-        q, kv = LLAMA_1B["heads"] * LLAMA_1B["head_dim"], LLAMA_1B["kv_heads"] * LLAMA_1B["head_dim"]
-        per_layer += [(q, h), (kv, h), (kv, h), (h, q)]
-    return per_layer * n
+class ZOnly:
+    """The policy side of a sync at Llama-3.2-1B shapes without the model: `get_z` is all `VLLMRollouts` reads for
+    a z-only sync once the factors are on the worker."""
+
+    def __init__(self, z: dict[str, torch.Tensor]):
+        self.z = z
+
+    def get_z(self):
+        return {name: value.clone() for name, value in self.z.items()}
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 @torch.no_grad()
-def llama_1b_rebuild(args):
-    """Bytes per sync for Llama-3.2-1B-shaped SVF layers, and the time to recompose every W' from z on this device
-    (what the trainer does before a merged sync, and the worker after a z-only one)."""
+def llama_1b_sync(args, repeats: int = 5):
+    """Seconds per sync of Llama-3.2-1B-shaped SVF layers on this device (random bf16 weights and fp32 factors, every
+    z changed before each sync; median of `repeats` after a warm-up): z only through the server path (file in shared
+    memory + string RPC, vLLM's HTTP hop excepted) and handed over as tensors (colocate), each split into transfer and
+    the worker's rebuild + in-place load; merged: W' built in bf16 by the trainer and copied into the served weights
+    (over NCCL to a server, which needs a second GPU: not timed here)."""
+    dtype, device = torch.bfloat16, torch.device(args.device)
     rows = {}
     for label, all_linear in (("mlp", False), ("all-linear", True)):
-        shapes = llama_1b_shapes(all_linear)
-        sizes = sync_bytes(shapes, bytes_per_weight=2)
-        row = {"merged_bf16_bytes": sizes["merged"], "merged_fp32_bytes": sizes["merged"] * 2,
-               "z_fp32_bytes": sizes["z"], "recompose_ms": None}
-        if args.device != "cpu":
-            distinct = {s: None for s in shapes}  # factors of each distinct shape, reused for every layer
-            for out_f, in_f in distinct:
+        layers = llama_3_2_1b_layers(all_linear)
+        sizes = sync_bytes([shape for _, shape in layers], bytes_per_weight=2)
+        row = {"layers": len(layers), "merged_bf16_bytes": sizes["merged"], "z_fp32_bytes": sizes["z"]}
+        factors = {}  # one set of factors per distinct shape, shared by the layers of that shape
+        for _, (out_f, in_f) in layers:
+            if (out_f, in_f) not in factors:
                 r = min(out_f, in_f)
-                distinct[(out_f, in_f)] = (torch.randn(out_f, r, device=args.device),
-                                           torch.rand(r, device=args.device) + 0.1,
-                                           torch.randn(r, in_f, device=args.device))
-            zs = {f"layer{i}": torch.ones(min(s)) for i, s in enumerate(shapes)}
-            config = {"mask": "identity", "norm_preserving": False}
-            for repeat in range(2):  # the first pass warms up the kernels
-                synchronize(args.device)
-                started = time.perf_counter()
-                for i, shape in enumerate(shapes):
-                    U, s, Vh = distinct[shape]
-                    recompose(U, s, Vh, zs[f"layer{i}"], config).to(torch.bfloat16)
-                synchronize(args.device)
-            row["recompose_ms"] = 1e3 * (time.perf_counter() - started)
-            del distinct
-            torch.cuda.empty_cache()
+                factors[(out_f, in_f)] = (torch.randn(out_f, r, device=device) / r ** 0.5,
+                                          torch.rand(r, device=device) + 0.1, torch.randn(r, in_f, device=device))
+        served = CopyModel({f"{name}.weight": torch.zeros(shape, dtype=dtype, device=device) for name, shape in layers})
+        llm = InProcessLLM(served, device, dtype)
+        worker = llm.worker
+        worker._svf_config, worker._svf_dtype, worker._svf_z = {"mask": "identity", "norm_preserving": False}, dtype, {}
+        worker._svf_layers = {name: (*factors[shape], False) for name, shape in layers}
+        z = {name: torch.ones(min(shape), device=device) for name, shape in layers}
+        for path, engine in (("z_file", InProcessServer(llm)), ("z_tensors", ColocateEngine(llm))):
+            rollouts = VLLMRollouts(ZOnly(z), None, engine, sync="z", dtype=dtype)
+            rollouts.sent_z = {name: torch.zeros_like(value) for name, value in z.items()}  # factors already there
+            syncs = []
+            for _ in range(repeats + 1):
+                for value in z.values():
+                    value.add_(1e-3)
+                rollouts.sync_weights()
+                assert rollouts.last_sync["layers"] == len(layers), rollouts.last_sync
+                syncs.append(rollouts.last_sync)
+            for key in ("seconds", "worker_seconds", "transfer_seconds", "to_worker_seconds", "from_worker_seconds"):
+                row[f"{path}_{key.removesuffix('_seconds')}_ms"] = 1e3 * median([s[key] for s in syncs[1:]])
+            row[f"{path}_transfer_max_ms"] = 1e3 * max(s["transfer_seconds"] for s in syncs[1:])
+            row[f"{path}_bytes"] = syncs[-1]["bytes"]
+        expected = recompose(*factors[layers[0][1]], z[layers[0][0]], worker._svf_config).to(dtype)
+        assert torch.equal(served.params[f"{layers[0][0]}.weight"], expected), "the worker loaded another W'"
+        builds, loads = [], []
+        for _ in range(repeats + 1):  # merged: the trainer rebuilds every W' in bf16, then it is loaded in place
+            synchronize(device)
+            started = time.perf_counter()
+            weights = [(f"{name}.weight", recompose(*factors[shape], z[name], worker._svf_config).to(dtype))
+                       for name, shape in layers]
+            synchronize(device)
+            built = time.perf_counter()
+            served.load_weights(weights)
+            synchronize(device)
+            builds.append(built - started)
+            loads.append(time.perf_counter() - built)
+            del weights
+        row["merged_build_ms"], row["merged_load_in_place_ms"] = 1e3 * median(builds[1:]), 1e3 * median(loads[1:])
         rows[label] = row
+        del factors, served, llm, worker
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps({"llama_3.2_1b_sync": rows}), flush=True)
     return rows
 
@@ -221,7 +272,8 @@ def main(argv=None):
     figures, model, pristine, setup, _ = train(args, args.world, "hf", lambda m, t: HFRollouts(m, t))
     results["hf"] = figures
     results["sync_paths"] = check_sync_paths(args, model, pristine, setup)
-    results["llama_3.2_1b"] = llama_1b_rebuild(args)
+    if args.device != "cpu":  # minutes of matrix products on a CPU
+        results["llama_3.2_1b"] = llama_1b_sync(args)
     engines = {}
     modes = {"none": [], "server": ["server"], "colocate": ["colocate"], "all": ["server", "colocate"]}[args.vllm]
     for mode in modes:

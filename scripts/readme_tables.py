@@ -277,19 +277,10 @@ def _routing_block(payload: dict) -> list[str]:
     return lines
 
 
-def llama_1b_shapes(all_linear: bool) -> list[tuple[int, int]]:
-    """(out, in) of the SVF layers of Llama-3.2-1B: hidden 2048, MLP 8192, 16 layers, 32 query / 8 KV heads of 64."""
-    hidden, mlp, q, kv = 2048, 8192, 32 * 64, 8 * 64
-    per_layer = [(mlp, hidden), (mlp, hidden), (hidden, mlp)]
-    if all_linear:
-        per_layer += [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q)]
-    return per_layer * 16
-
-
 def _sync_bytes_block(_payload) -> list[str]:
     import torch
 
-    from t2edit.rollouts import sync_bytes
+    from t2edit.rollouts import llama_3_2_1b_layers, sync_bytes
     from t2edit.vllm_worker import encode_z
 
     import json
@@ -298,11 +289,11 @@ def _sync_bytes_block(_payload) -> list[str]:
     lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z file as sent (RPC message) |",
              "| --- | --- | --- | --- | --- |"]
     for label, all_linear in (("MLP", False), ("all linear", True)):
-        shapes = llama_1b_shapes(all_linear)
+        layers = llama_3_2_1b_layers(all_linear)
+        shapes = [shape for _, shape in layers]
         sizes = sync_bytes(shapes, bytes_per_weight=2)
         with tempfile.TemporaryDirectory() as directory:
-            message = encode_z({f"model.layers.{i}.proj": torch.ones(min(shape)) for i, shape in enumerate(shapes)},
-                               directory)
+            message = encode_z({name: torch.ones(min(shape)) for name, shape in layers}, directory)
         sent = json.loads(message)["bytes"]
         lines.append(f"| {label} ({len(shapes)} matrices) | {2 * sizes['merged'] / 1e9:.2f} GB | "
                      f"{sizes['merged'] / 1e9:.2f} GB | {sizes['z'] / 1e3:.0f} KB | {sent / 1e3:.0f} KB "

@@ -167,6 +167,17 @@ def sync_bytes(shapes: list[tuple[int, int]], bytes_per_weight: int = 2) -> dict
     return {"merged": sum(o * i for o, i in shapes) * bytes_per_weight, "z": sum(min(o, i) for o, i in shapes) * 4}
 
 
+def llama_3_2_1b_layers(all_linear: bool) -> list[tuple[str, tuple[int, int]]]:
+    """(HF name, (out, in)) of Llama-3.2-1B's SVF layers, the size the sync figures are quoted at: hidden 2048, MLP
+    8192, 16 layers, 32 query / 8 KV heads of 64; the MLP's three projections, or every linear layer."""
+    hidden, mlp, q, kv = 2048, 8192, 32 * 64, 8 * 64
+    per_layer = [("mlp.gate_proj", (mlp, hidden)), ("mlp.up_proj", (mlp, hidden)), ("mlp.down_proj", (hidden, mlp))]
+    if all_linear:
+        per_layer = [("self_attn.q_proj", (q, hidden)), ("self_attn.k_proj", (kv, hidden)),
+                     ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, q))] + per_layer
+    return [(f"model.layers.{i}.{name}", shape) for i in range(16) for name, shape in per_layer]
+
+
 def export_factors(model: SVFModel, directory: str, dtype: str) -> str:
     """Write U, s, Vᵀ of every SVF layer for the rollout worker; returns the manifest `svf_load_factors` reads."""
     from safetensors.torch import save_file
@@ -191,6 +202,7 @@ class ServerEngine:
         self.client, self.base_url = client, base_url.rstrip("/")
         self.session = session
         self.communicator_ready = False
+        self.z_directory: str | None = None
 
     def generate(self, prompts, n, temperature, max_tokens, top_k=0, top_p=1.0) -> list[list[int]]:
         out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
@@ -217,6 +229,23 @@ class ServerEngine:
                                f"{response.text[:300]}; is it running --worker-extension-cls {WORKER_EXTENSION}? "
                                f"(scripts/serve_vllm.sh starts it so), or use vllm_sync: merged")
         return response.json()["results"]  # one result per worker
+
+    def send_z(self, z: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
+        """z to the server's workers: a file in shared memory on this machine, named by a ~70-byte RPC (vLLM's HTTP
+        endpoint passes only strings). Returns the workers' answers and the bytes written."""
+        from t2edit.vllm_worker import encode_z
+
+        payload = encode_z(z, self._z_directory())
+        return self.rpc("svf_set_z", payload), json.loads(payload)["bytes"]
+
+    def _z_directory(self) -> str:
+        """Where z files for the workers go (same machine, like the factors); removed with this engine."""
+        if self.z_directory is None:
+            from t2edit.vllm_worker import z_directory
+
+            self.z_directory = z_directory()
+            weakref.finalize(self, shutil.rmtree, self.z_directory, True)
+        return self.z_directory
 
     def needs_every_layer(self) -> bool:
         return False  # W' goes over NCCL into a CUDA server, which loads it in place
@@ -263,6 +292,12 @@ class ColocateEngine:
     def rpc(self, method: str, *args: str):
         return self.llm.collective_rpc(method, args=tuple(args))  # one result per worker
 
+    def send_z(self, z: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
+        """z to the in-process worker as tensors: the colocated engine's `collective_rpc` calls the worker directly
+        (TRL's external launcher), so nothing is written or serialised. Returns the answers and z's bytes."""
+        results = self.llm.collective_rpc("svf_set_z_tensors", args=(z,))
+        return results, sum(t.numel() * t.element_size() for t in z.values())
+
     def reset_prefix_cache(self):
         self.llm.reset_prefix_cache()
 
@@ -279,7 +314,6 @@ class VLLMRollouts:
         self.model, self.tokenizer, self.engine, self.sync = model, tokenizer, engine, sync
         self.dtype = dtype or engine.dtype()
         self.sent_z: dict[str, torch.Tensor] | None = None  # z as the engine has it (None: never synced)
-        self.z_directory: str | None = None
         self.last_sync: dict = {}
         self.generated_tokens, self.generate_seconds = 0, 0.0
 
@@ -311,19 +345,15 @@ class VLLMRollouts:
         split = dict.fromkeys(("worker_seconds", "transfer_seconds", "to_worker_seconds", "from_worker_seconds"))
         if names:
             if self.sync == "z":
-                from t2edit.vllm_worker import encode_z
-
                 sent, sent_wall = time.perf_counter(), time.time()
-                payload = encode_z({name: z[name] for name in names}, self._z_directory())
-                results = self.engine.rpc("svf_set_z", payload)
+                results, sent_bytes = self.engine.send_z({name: z[name] for name in names})
                 back, back_wall = time.perf_counter(), time.time()
-                # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer: writing
-                # z and the RPC until a worker has it, and the answer's way back (wall clocks of one machine).
+                # What the workers spent rebuilding and loading W'; the rest of the round trip is transfer: handing
+                # z over until a worker has it, and the answer's way back (wall clocks of one machine).
                 split["worker_seconds"] = max(r["seconds"] for r in results)
                 split["transfer_seconds"] = back - sent - split["worker_seconds"]
                 split["to_worker_seconds"] = max(r["arrived"] for r in results) - sent_wall
                 split["from_worker_seconds"] = back_wall - max(r["left"] for r in results)
-                sent_bytes = json.loads(payload)["bytes"]
             else:
                 if self.engine.needs_every_layer():  # a layer-wise reload (vLLM on CPU)
                     names = list(z)
@@ -336,15 +366,6 @@ class VLLMRollouts:
         self.sent_z = z
         self.last_sync = {"layers": len(names), "bytes": sent_bytes, "full": full,
                           "seconds": time.perf_counter() - started, **split}
-
-    def _z_directory(self) -> str:
-        """Where z files for the workers go (same machine, like the factors); removed with this object."""
-        if self.z_directory is None:
-            from t2edit.vllm_worker import z_directory
-
-            self.z_directory = z_directory()
-            weakref.finalize(self, shutil.rmtree, self.z_directory, True)
-        return self.z_directory
 
     def _send_factors(self):
         # Written to a temporary directory on this machine, read by the workers, then removed: the server must

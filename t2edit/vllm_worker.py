@@ -8,9 +8,11 @@ vLLM mixes `SVFWorkerExtension` into its GPU worker when started with
 1. `svf_load_factors(manifest)` once per run (and after a resume): U, s, Vᵀ of every SVF layer, read from the
    safetensors files the trainer wrote (same machine), are kept on the rollout GPU next to the served model.
 2. `svf_set_z(payload)` after every optimizer step: only the z vectors (Llama-3.2-1B MLP: 98,304 floats, 393 KB)
-   travel, as a file the message names (`encode_z`); W' = U diag(s·f(z)) Vᵀ is recomposed here, with the trainer's
-   own formula (`recompose`), and handed to the model under the base model's parameter names, which vLLM fuses into
-   gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a layer-wise reload on vLLM's CPU backend).
+   travel, as a file the message names (`encode_z`); in colocate mode, where the worker lives in the trainer's
+   process, `svf_set_z_tensors(z)` takes the tensors themselves. W' = U diag(s·f(z)) Vᵀ is recomposed here, with the
+   trainer's own formula (`recompose`), and handed to the model under the base model's parameter names, which vLLM
+   fuses into gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a layer-wise reload on vLLM's CPU
+   backend).
 
 This module imports only torch, safetensors and t2edit.svf, so it loads in any vLLM process.
 """
@@ -127,13 +129,21 @@ class SVFWorkerExtension:
         return len(self._svf_layers)
 
     def svf_set_z(self, payload: str) -> dict:
-        """Rebuild W' from the z in `payload` and load it; returns the layers loaded and the seconds it took here, so
-        the trainer can tell transfer time from recompose time."""
+        """Rebuild W' from the z in `payload` (a message from `encode_z`) and load it; returns the layers loaded and
+        the seconds it took here, so the trainer can tell transfer time from recompose time."""
         arrived = time.time()  # wall clock, comparable with the trainer's (same machine): splits the transfer in two
+        return self._svf_apply(decode_z(payload), arrived)
+
+    def svf_set_z_tensors(self, z: dict) -> dict:
+        """`svf_set_z` for a caller in this process (colocate mode, where `collective_rpc` hands its arguments over
+        as they are): z arrives as tensors, with no file to write or read. The worker keeps them; the caller must not
+        change them afterwards (`SVFModel.get_z` returns copies)."""
+        return self._svf_apply(dict(z), time.time())
+
+    def _svf_apply(self, received: dict, arrived: float) -> dict:
         layers = getattr(self, "_svf_layers", None)
         if layers is None:
             raise RuntimeError("svf_set_z before svf_load_factors: the trainer must send the factors first")
-        received = decode_z(payload)
         unknown = sorted(set(received) - set(layers))
         if unknown:
             raise RuntimeError(f"z for layers without factors here: {unknown[:3]}; the trainer must resend the factors")

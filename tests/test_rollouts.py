@@ -12,8 +12,8 @@ from trl.generation.vllm_client import VLLMClient
 
 from t2edit import rollouts as rollouts_module
 from t2edit.data.records import EditRecord
-from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, make_vllm_rollouts,
-                             merged_svf_weights, sync_bytes, trim_at_eos)
+from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_3_2_1b_layers,
+                             make_vllm_rollouts, merged_svf_weights, sync_bytes, trim_at_eos)
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
 from t2edit.training import SVFTrainer, TrainConfig, greedy_answers
@@ -210,6 +210,47 @@ def test_merged_sync_into_a_layerwise_reloading_colocated_engine_sends_every_lay
         assert torch.allclose(tensor, merged[name], atol=1e-5, rtol=1e-5), name
 
 
+class FakeColocatedLLM:
+    """vLLM's `LLM` under TRL's external launcher: `collective_rpc` calls the in-process worker with its arguments as
+    they are (no strings, no copies)."""
+
+    def __init__(self, worker):
+        self.worker, self.rpcs = worker, []
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
+        self.reset_prefix_cache = mock.Mock()
+
+    def collective_rpc(self, method, args=()):
+        self.rpcs.append(method)
+        return [getattr(self.worker, method)(*args)]
+
+
+def test_colocated_z_sync_hands_tensors_to_the_worker_without_a_file(tiny_tokenizer, monkeypatch):
+    svf, pristine = svf_pair(tiny_tokenizer)
+    worker = FakeWorker(pristine)
+    llm = FakeColocatedLLM(worker)
+    # Colocated, z needs no file: writing one would fail this test.
+    monkeypatch.setattr("t2edit.vllm_worker.encode_z", mock.Mock(side_effect=AssertionError("z written to a file")))
+    rollouts = VLLMRollouts(svf, tiny_tokenizer, ColocateEngine(llm), sync="z", dtype=torch.float32)
+    rollouts.sync_weights(full=True)
+    prompts = ["The capital of Foo is", "The spouse of Ann is"]
+    served = worker.model_runner.model.net
+    assert greedy_answers(served, tiny_tokenizer, prompts, 4) == greedy_answers(svf, tiny_tokenizer, prompts, 4)
+
+    with torch.no_grad():
+        svf.z_parameters()[0].mul_(0.5)
+    rollouts.sync_weights()
+    assert llm.rpcs == ["svf_load_factors", "svf_set_z_tensors", "svf_set_z_tensors"]
+    assert rollouts.last_sync["layers"] == 1 and rollouts.last_sync["bytes"] == 4 * svf.z_parameters()[0].numel()
+    with torch.no_grad():  # the policy moves on; what the worker holds must not move with it
+        svf.z_parameters()[0].add_(1.0)
+    assert not torch.equal(worker._svf_z[svf.layer_names[0]], svf.z_parameters()[0])
+    merged = copy.deepcopy(svf)
+    with torch.no_grad():
+        merged.z_parameters()[0].sub_(1.0)
+    for name, tensor in merged.merge_and_unload().state_dict().items():
+        assert torch.allclose(served.state_dict()[name], tensor, atol=1e-5, rtol=1e-5), name
+
+
 def test_a_layerwise_reload_refuses_a_fused_projection_sent_in_part(tiny_tokenizer):
     runner = FakeReloadingRunner(build_tiny_model(tiny_tokenizer, arch="llama"))
     gate, up = (torch.zeros(1), torch.zeros(1))
@@ -236,8 +277,14 @@ def test_sync_bytes_match_the_payloads_and_llama_sizes(tiny_tokenizer):
     sizes = sync_bytes(shapes, bytes_per_weight=2)
     assert sizes["merged"] == sum(w.numel() * 2 for _, w in merged_svf_weights(svf, torch.bfloat16))
     assert sizes["z"] == 4 * sum(p.numel() for p in svf.z_parameters())
-    mlp = [(8192, 2048), (8192, 2048), (2048, 8192)] * 16  # Llama-3.2-1B: gate, up, down per layer
+    mlp = [shape for _, shape in llama_3_2_1b_layers(all_linear=False)]  # gate, up, down of 16 layers
+    assert mlp[:3] == [(8192, 2048), (8192, 2048), (2048, 8192)] and len(mlp) == 48
     assert sync_bytes(mlp, 2) == {"merged": 1_610_612_736, "z": 393_216}
+    every = llama_3_2_1b_layers(all_linear=True)
+    assert [name for name, _ in every[:7]] == [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
+                                               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                                               "mlp.up_proj", "mlp.down_proj")]
+    assert sync_bytes([shape for _, shape in every], 2)["merged"] == 1_946_157_056
 
 
 def tiny_trainer(tiny_tokenizer, output_dir, rollouts_for, steps=2, resume=False):
