@@ -7,7 +7,9 @@ shapes matter). A table on stdout, every figure in `--json`. Needs vLLM (`t2edit
 For each SVF target set it builds the model once (SVD factors cached under ~/.cache/t2edit), then per mode:
 * server: starts `scripts/serve_vllm.sh` on the model and syncs over HTTP `/collective_rpc` (z only: the merged path
   goes over NCCL and needs CUDA on both sides, so it is timed only where the trainer is on a GPU);
-* colocate: an engine in this process; z-only and merged-weight sync.
+* colocate: an engine in this process; z-only and merged-weight sync;
+* payload (no vLLM needed): writing and reading the z file of the server path at Llama 1B, 8B, 70B and 405B shapes
+  (every linear layer), the part of the transfer that grows with the model (the RPC carries ~70 bytes at any size).
 The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
 each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
 rebuilding W' from z and loading it, `transfer` the rest of the round trip, split into `to worker` (writing z, the
@@ -32,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from t2edit.rollouts import (ColocateEngine, ServerEngine, VLLMRollouts, connect_server,  # noqa: E402
-                             start_colocated_engine)
+from t2edit.rollouts import (LLAMA_SHAPES, ColocateEngine, ServerEngine, VLLMRollouts, connect_server,  # noqa: E402
+                             llama_svf_layers, start_colocated_engine)
 from t2edit.svf import SVFConfig, apply_svf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +121,37 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
                                         default=None)}
 
 
+def payload_rows(repeats: int) -> list[dict]:
+    """Seconds to write z (`encode_z`, into shared memory as the trainer does) and read it back (`decode_z`, as the
+    worker does), every linear layer of each Llama size; median of `repeats` after one warm-up."""
+    from t2edit.vllm_worker import decode_z, encode_z, z_directory
+
+    rows = []
+    directory = z_directory()
+    try:
+        for model in LLAMA_SHAPES:
+            z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(True, model)}
+            writes, reads = [], []
+            for _ in range(repeats + 1):
+                for value in z.values():
+                    value.add_(1e-3)
+                started = time.perf_counter()
+                message = encode_z(z, directory)
+                written = time.perf_counter()
+                back = decode_z(message)
+                writes.append(written - started)
+                reads.append(time.perf_counter() - written)
+            assert all(torch.equal(back[name], z[name]) for name in z)
+            row = {"model": model, "layers": len(z), "bytes": json.loads(message)["bytes"],
+                   "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
+                   "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return rows
+
+
 def measure(args, model_dir: Path, engines: dict, runs: list) -> None:
     """Every (targets, mode, sync) row into `runs`; engines started go into `engines` (mode -> (engine, server))."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -149,13 +182,28 @@ def measure(args, model_dir: Path, engines: dict, runs: list) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default="server,colocate")
+    parser.add_argument("--modes", default="server,colocate", help="server, colocate, or payload alone (no vLLM)")
     parser.add_argument("--targets", default="mlp,all-linear")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port", type=int, default=8021)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"server", "colocate", "payload"}
+    if unknown or ("payload" in modes and len(modes) > 1):
+        parser.error(f"--modes {args.modes}: give server and/or colocate, or payload alone (it needs no vLLM)")
+    if modes == ["payload"]:
+        rows = payload_rows(max(args.repeats, 20))
+        print(f"\nz file of the server path, every linear layer, median of {max(args.repeats, 20)}")
+        print(f"{'model':<15} {'layers':>6} {'MB':>7} {'write ms':>9} {'read ms':>8} {'max ms':>7}")
+        for r in rows:
+            print(f"{r['model']:<15} {r['layers']:>6} {r['bytes'] / 1e6:>7.2f} {1e3 * r['write_seconds']:>9.2f} "
+                  f"{1e3 * r['read_seconds']:>8.2f} {1e3 * r['write_read_seconds_max']:>7.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"platform": f"CPU ({os.cpu_count()} cores)", "payload": rows},
+                                                  indent=2))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
     model_dir = build_model_dir(work / "llama-1b-shapes")

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from t2edit.jobs import load_setup  # noqa: E402
-from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_3_2_1b_layers,  # noqa: E402
+from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_svf_layers,  # noqa: E402
                              make_vllm_rollouts, merged_svf_weights, start_colocated_engine, sync_bytes)
 from t2edit.svf import apply_svf  # noqa: E402
 from t2edit.leakage import learning_pool  # noqa: E402
@@ -201,7 +201,7 @@ def llama_1b_sync(args, repeats: int = 5):
     dtype, device = torch.bfloat16, torch.device(args.device)
     rows = {}
     for label, all_linear in (("mlp", False), ("all-linear", True)):
-        layers = llama_3_2_1b_layers(all_linear)
+        layers = llama_svf_layers(all_linear)
         sizes = sync_bytes([shape for _, shape in layers], bytes_per_weight=2)
         row = {"layers": len(layers), "merged_bf16_bytes": sizes["merged"], "z_fp32_bytes": sizes["z"]}
         factors = {}  # one set of factors per distinct shape, shared by the layers of that shape

@@ -103,8 +103,12 @@ TABLES = [
           "computed here by `t2edit.rollouts.sync_bytes` and `t2edit.vllm_worker.encode_z`; no results file"),
     Table("gpu-smoke", "results/gpu_smoke_h100.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20', "",
           "prints these figures on a CUDA machine; not re-run, the numbers are transcribed"),
-    Table("gpu-smoke-h200", "results/gpu_smoke_h200.json", 'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20',
-          "", "prints these figures on a CUDA machine; copied from its output"),
+    Table("gpu-smoke-h200", "results/gpu_smoke_h200.json",
+          'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20 --json results/gpu_smoke_h200.json',
+          "results/gpu_smoke_h200.json", "on a CUDA machine; add a `provenance`"),
+    Table("gpu-sync-h200", "results/gpu_smoke_h200.json",
+          'bash scripts/gpu_smoke.sh "" --steps 100 --n-edits 20 --json results/gpu_smoke_h200.json',
+          "results/gpu_smoke_h200.json", "its `llama_3.2_1b` part; on a CUDA machine"),
     Table("vllm-cpu-smoke", "results/vllm_cpu_smoke.json",
           "VLLM_CPU_KVCACHE_SPACE=1 python scripts/gpu_smoke.py --world <built-in world> --device cpu --dtype float32 "
           "--steps 100 --vllm all --server-url http://127.0.0.1:8011 --json results/vllm_cpu_smoke.json", "",
@@ -280,7 +284,7 @@ def _routing_block(payload: dict) -> list[str]:
 def _sync_bytes_block(_payload) -> list[str]:
     import torch
 
-    from t2edit.rollouts import llama_3_2_1b_layers, sync_bytes
+    from t2edit.rollouts import llama_svf_layers, sync_bytes
     from t2edit.vllm_worker import encode_z
 
     import json
@@ -289,7 +293,7 @@ def _sync_bytes_block(_payload) -> list[str]:
     lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z file as sent (RPC message) |",
              "| --- | --- | --- | --- | --- |"]
     for label, all_linear in (("MLP", False), ("all linear", True)):
-        layers = llama_3_2_1b_layers(all_linear)
+        layers = llama_svf_layers(all_linear)
         shapes = [shape for _, shape in layers]
         sizes = sync_bytes(shapes, bytes_per_weight=2)
         with tempfile.TemporaryDirectory() as directory:
@@ -325,6 +329,43 @@ def _vllm_smoke_block(payload: dict) -> list[str]:
         cells = [_milliseconds(sync), _milliseconds(transfer), "–" if sent is None else f"{sent:,}"]
         lines.append(f"| {run['run']} | {run['edit_success_before']:.2f} → {run['edit_success_after']:.2f} | "
                      f"{run['seconds_per_step']:.2f} | {run['rollout_tokens_per_s']:,.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gpu_smoke_run_block(payload: dict) -> list[str]:
+    """scripts/gpu_smoke.py's JSON on a GPU (HF rollouts): the training run and the sync-path checks."""
+    run, paths = payload["hf"], payload["sync_paths"]
+    agreement = {"merged": "merged bf16", "z_file": "z as a file (server)", "z_tensors": "z as tensors (colocate)"}
+    rows = [(f"edit success (greedy, {run['edits']} edits of the built-in world), before → after {run['steps']} steps",
+             f"{run['edit_success_before']:.2f} → {run['edit_success_after']:.2f}"),
+            ("step time (tiny world model, 128 hidden, 4 layers)",
+             f"{run['seconds_per_step']:.2f} s ({run['train_seconds']:.1f} s for {run['steps']} steps)"),
+            ("HF rollout throughput (same model)", f"{run['rollout_tokens_per_s']:,.0f} tokens/s"),
+            ("merged payload / z payload build, same model",
+             f"{paths['merged_payload_build_ms']:.1f} ms / {paths['z_payload_build_ms']:.1f} ms "
+             f"({paths['merged_payload_bytes']:,} / {paths['z_payload_bytes']:,} bytes)"),
+            ("served copy's greedy answers equal to the policy's, per sync path",
+             ", ".join(f"{agreement[k]} {100 * paths[f'{k}_sync_agreement']:.0f} %" for k in agreement))]
+    return ["| what | figure |", "|---|---|"] + [f"| {what} | {figure} |" for what, figure in rows]
+
+
+def _gpu_sync_block(payload: dict) -> list[str]:
+    """scripts/gpu_smoke.py's Llama-3.2-1B-shaped syncs through the worker on the GPU (vLLM's own hop excepted)."""
+    lines = ["| SVF layers | sync | bytes handed over | sync (median) | worker: rebuild + load W' | transfer (median; max) "
+             "| of it: there / back |", "|---|---|---|---|---|---|---|"]
+    def ms(milliseconds: float) -> str:
+        return _milliseconds(milliseconds / 1e3)
+
+    for label, row in payload["llama_3.2_1b"].items():
+        for path, said in (("z_file", "z as a file in /dev/shm (server path)"), ("z_tensors", "z as tensors (colocate)")):
+            lines.append(f"| {label} ({row['layers']}) | {said} | {row[f'{path}_bytes'] / 1e3:,.0f} KB | "
+                         f"{ms(row[f'{path}_seconds_ms'])} | {ms(row[f'{path}_worker_ms'])} | "
+                         f"{ms(row[f'{path}_transfer_ms'])}; {ms(row[f'{path}_transfer_max_ms'])} | "
+                         f"{ms(row[f'{path}_to_worker_ms'])} / {ms(row[f'{path}_from_worker_ms'])} |")
+        lines.append(f"| {label} ({row['layers']}) | merged W' bf16: built by the trainer, loaded in place | "
+                     f"{row['merged_bf16_bytes'] / 1e9:.2f} GB | {ms(row['merged_build_ms'] + row['merged_load_in_place_ms'])} | "
+                     f"build {ms(row['merged_build_ms'])}, load {ms(row['merged_load_in_place_ms'])} | "
+                     f"NCCL to a second GPU: not timed | – |")
     return lines
 
 
@@ -375,7 +416,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "sequential-world": _sequential_block, "composition-world-split": _composition_block,
           "composition-smollm2": _composition_block,
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
-          "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
+          "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
           "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block}
 

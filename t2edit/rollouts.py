@@ -167,15 +167,23 @@ def sync_bytes(shapes: list[tuple[int, int]], bytes_per_weight: int = 2) -> dict
     return {"merged": sum(o * i for o, i in shapes) * bytes_per_weight, "z": sum(min(o, i) for o, i in shapes) * 4}
 
 
-def llama_3_2_1b_layers(all_linear: bool) -> list[tuple[str, tuple[int, int]]]:
-    """(HF name, (out, in)) of Llama-3.2-1B's SVF layers, the size the sync figures are quoted at: hidden 2048, MLP
-    8192, 16 layers, 32 query / 8 KV heads of 64; the MLP's three projections, or every linear layer."""
-    hidden, mlp, q, kv = 2048, 8192, 32 * 64, 8 * 64
+# Llama shapes the sync figures are quoted at: hidden size, MLP size, layers, query and key/value widths (heads × 64
+# or 128), from the models' published configs.
+LLAMA_SHAPES = {"Llama-3.2-1B": dict(hidden=2048, mlp=8192, layers=16, q=32 * 64, kv=8 * 64),
+                "Llama-3.1-8B": dict(hidden=4096, mlp=14336, layers=32, q=32 * 128, kv=8 * 128),
+                "Llama-3.1-70B": dict(hidden=8192, mlp=28672, layers=80, q=64 * 128, kv=8 * 128),
+                "Llama-3.1-405B": dict(hidden=16384, mlp=53248, layers=126, q=128 * 128, kv=8 * 128)}
+
+
+def llama_svf_layers(all_linear: bool, model: str = "Llama-3.2-1B") -> list[tuple[str, tuple[int, int]]]:
+    """(HF name, (out, in)) of a Llama model's SVF layers: the MLP's three projections, or every linear layer."""
+    shape = LLAMA_SHAPES[model]
+    hidden, mlp, q, kv = shape["hidden"], shape["mlp"], shape["q"], shape["kv"]
     per_layer = [("mlp.gate_proj", (mlp, hidden)), ("mlp.up_proj", (mlp, hidden)), ("mlp.down_proj", (hidden, mlp))]
     if all_linear:
         per_layer = [("self_attn.q_proj", (q, hidden)), ("self_attn.k_proj", (kv, hidden)),
                      ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, q))] + per_layer
-    return [(f"model.layers.{i}.{name}", shape) for i in range(16) for name, shape in per_layer]
+    return [(f"model.layers.{i}.{name}", dims) for i in range(shape["layers"]) for name, dims in per_layer]
 
 
 def export_factors(model: SVFModel, directory: str, dtype: str) -> str:

@@ -39,7 +39,9 @@ def encode_z(z: dict[str, torch.Tensor], directory: str) -> str:
     from safetensors.torch import save_file
 
     names = list(z)
-    flat = torch.cat([z[name].detach().to("cpu", torch.float32).reshape(-1) for name in names])
+    # Joined where z lives, then copied off the GPU once: one copy per layer costs tens of µs each (~4 ms at 112).
+    device = z[names[0]].device if names else torch.device("cpu")
+    flat = torch.cat([z[name].detach().to(device, torch.float32).reshape(-1) for name in names]).cpu()
     layout = json.dumps({"names": names, "lengths": [z[name].numel() for name in names]})
     path = os.path.join(directory, "z.safetensors")
     partial = f"{path}.tmp{os.getpid()}"

@@ -12,7 +12,7 @@ from trl.generation.vllm_client import VLLMClient
 
 from t2edit import rollouts as rollouts_module
 from t2edit.data.records import EditRecord
-from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_3_2_1b_layers,
+from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollouts, llama_svf_layers,
                              make_vllm_rollouts, merged_svf_weights, sync_bytes, trim_at_eos)
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
@@ -277,10 +277,10 @@ def test_sync_bytes_match_the_payloads_and_llama_sizes(tiny_tokenizer):
     sizes = sync_bytes(shapes, bytes_per_weight=2)
     assert sizes["merged"] == sum(w.numel() * 2 for _, w in merged_svf_weights(svf, torch.bfloat16))
     assert sizes["z"] == 4 * sum(p.numel() for p in svf.z_parameters())
-    mlp = [shape for _, shape in llama_3_2_1b_layers(all_linear=False)]  # gate, up, down of 16 layers
+    mlp = [shape for _, shape in llama_svf_layers(all_linear=False)]  # gate, up, down of 16 layers
     assert mlp[:3] == [(8192, 2048), (8192, 2048), (2048, 8192)] and len(mlp) == 48
     assert sync_bytes(mlp, 2) == {"merged": 1_610_612_736, "z": 393_216}
-    every = llama_3_2_1b_layers(all_linear=True)
+    every = llama_svf_layers(all_linear=True)
     assert [name for name, _ in every[:7]] == [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.k_proj",
                                                "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                                                "mlp.up_proj", "mlp.down_proj")]
