@@ -122,33 +122,35 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
 
 
 def payload_rows(repeats: int) -> list[dict]:
-    """Seconds to write z (`encode_z`, into shared memory as the trainer does) and read it back (`decode_z`, as the
-    worker does), every linear layer of each Llama size; median of `repeats` after one warm-up."""
-    from t2edit.vllm_worker import decode_z, encode_z, z_directory
+    """Seconds to write z into the file the trainer keeps in shared memory (`ZWriter`) and to read it back as a
+    worker does (`ZReader`), every linear layer of each Llama size; median of `repeats` after one warm-up (the first
+    write of a run makes the file)."""
+    from t2edit.vllm_worker import ZReader, ZWriter, z_directory
 
     rows = []
-    directory = z_directory()
-    try:
-        for model in LLAMA_SHAPES:
+    for model in LLAMA_SHAPES:
+        directory = z_directory()
+        try:
+            writer, reader = ZWriter(directory), ZReader()
             z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(True, model)}
             writes, reads = [], []
             for _ in range(repeats + 1):
                 for value in z.values():
                     value.add_(1e-3)
                 started = time.perf_counter()
-                message = encode_z(z, directory)
+                message = writer.write(z)
                 written = time.perf_counter()
-                back = decode_z(message)
+                back = reader.read(message)
                 writes.append(written - started)
                 reads.append(time.perf_counter() - written)
             assert all(torch.equal(back[name], z[name]) for name in z)
-            row = {"model": model, "layers": len(z), "bytes": json.loads(message)["bytes"],
-                   "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
-                   "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        row = {"model": model, "layers": len(z), "bytes": json.loads(message)["bytes"],
+               "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
+               "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 

@@ -293,7 +293,8 @@ def _sync_bytes_block(_payload) -> list[str]:
     import json
     import tempfile
 
-    lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) | z file as sent (RPC message) |",
+    lines = ["| SVF layers | W' float32 (before) | W' bf16 (merged sync) | z (z-only sync) "
+             "| z file as sent (RPC message; layer names once per run) |",
              "| --- | --- | --- | --- | --- |"]
     for label, all_linear in (("MLP", False), ("all linear", True)):
         layers = llama_svf_layers(all_linear)

@@ -210,7 +210,7 @@ class ServerEngine:
         self.client, self.base_url = client, base_url.rstrip("/")
         self.session = session
         self.communicator_ready = False
-        self.z_directory: str | None = None
+        self.z_writer = None  # t2edit.vllm_worker.ZWriter, made on the first z sync
 
     def generate(self, prompts, n, temperature, max_tokens, top_k=0, top_p=1.0) -> list[list[int]]:
         out = self.client.generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, top_k=top_k,
@@ -239,21 +239,16 @@ class ServerEngine:
         return response.json()["results"]  # one result per worker
 
     def send_z(self, z: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
-        """z to the server's workers: a file in shared memory on this machine, named by a ~70-byte RPC (vLLM's HTTP
-        endpoint passes only strings). Returns the workers' answers and the bytes written."""
-        from t2edit.vllm_worker import encode_z
+        """z to the server's workers: a file in shared memory on this machine, overwritten in place, named by a
+        ~70-byte RPC (vLLM's HTTP endpoint passes only strings). Returns the workers' answers and the bytes written."""
+        if self.z_writer is None:
+            from t2edit.vllm_worker import ZWriter, z_directory
 
-        payload = encode_z(z, self._z_directory())
+            directory = z_directory()
+            weakref.finalize(self, shutil.rmtree, directory, True)  # removed with this engine
+            self.z_writer = ZWriter(directory)
+        payload = self.z_writer.write(z)
         return self.rpc("svf_set_z", payload), json.loads(payload)["bytes"]
-
-    def _z_directory(self) -> str:
-        """Where z files for the workers go (same machine, like the factors); removed with this engine."""
-        if self.z_directory is None:
-            from t2edit.vllm_worker import z_directory
-
-            self.z_directory = z_directory()
-            weakref.finalize(self, shutil.rmtree, self.z_directory, True)
-        return self.z_directory
 
     def needs_every_layer(self) -> bool:
         return False  # W' goes over NCCL into a CUDA server, which loads it in place

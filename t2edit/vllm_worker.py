@@ -8,7 +8,7 @@ vLLM mixes `SVFWorkerExtension` into its GPU worker when started with
 1. `svf_load_factors(manifest)` once per run (and after a resume): U, s, Vᵀ of every SVF layer, read from the
    safetensors files the trainer wrote (same machine), are kept on the rollout GPU next to the served model.
 2. `svf_set_z(payload)` after every optimizer step: only the z vectors (Llama-3.2-1B MLP: 98,304 floats, 393 KB)
-   travel, as a file the message names (`encode_z`); in colocate mode, where the worker lives in the trainer's
+   travel, in a file in shared memory that the message names (`ZWriter` / `ZReader`); in colocate mode, where the worker lives in the trainer's
    process, `svf_set_z_tensors(z)` takes the tensors themselves. W' = U diag(s·f(z)) Vᵀ is recomposed here, with the
    trainer's own formula (`recompose`), and handed to the model under the base model's parameter names, which vLLM
    fuses into gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a layer-wise reload on vLLM's CPU
@@ -25,42 +25,96 @@ import time
 
 import torch
 
-PAYLOAD_VERSION = 4  # 4: z as one flat tensor in a file named by the message; svf_set_z answers {"layers", "seconds", ...}
+PAYLOAD_VERSION = 5  # 5: z in a file kept in shared memory, overwritten in place; svf_set_z answers {"layers", ...}
+
+
+def _layout_path(path: str) -> str:
+    return path.removesuffix(".bin") + ".json"
+
+
+class ZWriter:
+    """The trainer's half of z's way to a server's workers: one float32 file in `directory` (shared memory, see
+    `z_directory`), mapped once and overwritten in place on every sync while the layers sent stay the same, with
+    their names and lengths in a JSON file beside it; a new pair of files when they change. Only a ~70-byte message
+    naming the file crosses vLLM's RPC, which passes strings through its API server and engine processes
+    (scripts/bench_vllm_sync.py times an RPC carrying z inline against an empty one).
+
+    Why in place: a fresh file costs new memory pages on every sync. At Llama-3.1-70B shapes (13.8 MB of z) writing
+    and reading a new safetensors file took 9.9 ms on a 2-core machine and 17 ms on a GPU host; overwriting a mapped
+    one 3.3 ms. No reader sees half a write: the message goes after the write, and the next write waits for the
+    workers' answer to it."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.layout: tuple[list[str], list[int]] | None = None
+        self.path: str | None = None
+        self.buffer: torch.Tensor | None = None  # the file, mapped
+        self.files = 0
+
+    def write(self, z: dict[str, torch.Tensor]) -> str:
+        """Write z and return the message that names it for `ZReader.read` (`svf_set_z`)."""
+        if not z:
+            raise ValueError("no z to send: give at least one layer")
+        names = list(z)
+        lengths = [z[name].numel() for name in names]
+        if self.layout != (names, lengths):
+            self._new_file(names, lengths)
+        flat = [z[name].detach().reshape(-1) for name in names]
+        if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in flat):
+            torch.cat(flat, out=self.buffer)  # straight into the mapped file
+        else:  # joined where z lives, then copied off the GPU once (one copy per layer: tens of µs each)
+            self.buffer.copy_(torch.cat([t.to(flat[0].device, torch.float32) for t in flat]))
+        return json.dumps({"version": PAYLOAD_VERSION, "path": self.path, "bytes": self.buffer.numel() * 4})
+
+    def _new_file(self, names: list[str], lengths: list[int]) -> None:
+        previous = self.path
+        self.files += 1
+        path = os.path.join(self.directory, f"z-{self.files}.bin")
+        with open(path, "wb") as file:
+            file.truncate(4 * sum(lengths))
+        partial = f"{_layout_path(path)}.tmp"
+        with open(partial, "w") as file:
+            json.dump({"names": names, "lengths": lengths}, file)
+        os.replace(partial, _layout_path(path))  # a reader never sees half a layout
+        self.buffer = torch.from_file(path, shared=True, size=sum(lengths), dtype=torch.float32)
+        self.path, self.layout = path, (names, lengths)
+        if previous is not None:  # a worker still mapping it keeps its pages until it maps the new one
+            for stale in (previous, _layout_path(previous)):
+                os.remove(stale)
+
+
+class ZReader:
+    """The worker's half: maps the trainer's z file once per layout and copies z out of it on every sync, into one
+    buffer on `device` reused while the layout stays (every layer of the layout is rewritten on each sync, so views
+    of the buffer held from the last one stay right)."""
+
+    def __init__(self):
+        self.path: str | None = None
+
+    def read(self, payload: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        data = json.loads(payload)
+        if data.get("version") != PAYLOAD_VERSION:
+            raise ValueError(f"z payload version {data.get('version')!r}; this worker reads version {PAYLOAD_VERSION} "
+                             f"(install the same t2edit on the trainer and the vLLM server)")
+        if data["path"] != self.path:
+            with open(_layout_path(data["path"])) as file:
+                layout = json.load(file)
+            total = sum(layout["lengths"])
+            self.mapped = torch.from_file(data["path"], shared=True, size=total, dtype=torch.float32)
+            self.buffer = torch.empty(total, dtype=torch.float32, device=device)
+            self.names, self.lengths, self.path = layout["names"], layout["lengths"], data["path"]
+        self.buffer.copy_(self.mapped)
+        return dict(zip(self.names, torch.split(self.buffer, self.lengths)))
 
 
 def encode_z(z: dict[str, torch.Tensor], directory: str) -> str:
-    """Write z (float32) to `directory`/z.safetensors and return the short JSON message that names it. Only the
-    message (~70 bytes at any model size) crosses vLLM's RPC, which passes strings through its API server and
-    engine processes; the worker reads the file from the same machine, as it reads the factors
-    (scripts/bench_vllm_sync.py times an RPC carrying z inline against an empty one). The vectors go as one flat
-    tensor with the layer names and lengths in the file's metadata: writing and reading 112 separate tensors
-    (Llama-3.2-1B, all linear layers) took ~3 ms, one flat tensor 0.8 ms. Written under a temporary name, then
-    renamed: a reader never sees half a file."""
-    from safetensors.torch import save_file
-
-    names = list(z)
-    # Joined where z lives, then copied off the GPU once: one copy per layer costs tens of µs each (~4 ms at 112).
-    device = z[names[0]].device if names else torch.device("cpu")
-    flat = torch.cat([z[name].detach().to(device, torch.float32).reshape(-1) for name in names]).cpu()
-    layout = json.dumps({"names": names, "lengths": [z[name].numel() for name in names]})
-    path = os.path.join(directory, "z.safetensors")
-    partial = f"{path}.tmp{os.getpid()}"
-    save_file({"z": flat}, partial, metadata={"layout": layout})
-    os.replace(partial, path)
-    return json.dumps({"version": PAYLOAD_VERSION, "path": path, "bytes": os.path.getsize(path)})
+    """z written once to a new `ZWriter` in `directory`; returns the message (for one-off use and tests)."""
+    return ZWriter(directory).write(z)
 
 
 def decode_z(payload: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    data = json.loads(payload)
-    if data.get("version") != PAYLOAD_VERSION:
-        raise ValueError(f"z payload version {data.get('version')!r}; this worker reads version {PAYLOAD_VERSION} "
-                         f"(install the same t2edit on the trainer and the vLLM server)")
-    with safe_open(data["path"], framework="pt") as file:
-        layout = json.loads(file.metadata()["layout"])
-        flat = file.get_tensor("z")
-    return dict(zip(layout["names"], torch.split(flat, layout["lengths"])))
+    """z as a message names it, read once (on the CPU)."""
+    return ZReader().read(payload)
 
 
 def z_directory() -> str:
@@ -134,7 +188,9 @@ class SVFWorkerExtension:
         """Rebuild W' from the z in `payload` (a message from `encode_z`) and load it; returns the layers loaded and
         the seconds it took here, so the trainer can tell transfer time from recompose time."""
         arrived = time.time()  # wall clock, comparable with the trainer's (same machine): splits the transfer in two
-        return self._svf_apply(decode_z(payload), arrived)
+        if getattr(self, "_svf_reader", None) is None:
+            self._svf_reader = ZReader()
+        return self._svf_apply(self._svf_reader.read(payload, self.device), arrived)
 
     def svf_set_z_tensors(self, z: dict) -> dict:
         """`svf_set_z` for a caller in this process (colocate mode, where `collective_rpc` hands its arguments over
@@ -168,5 +224,5 @@ class SVFWorkerExtension:
         return {"layers": count, "seconds": time.perf_counter() - started, "arrived": arrived, "left": time.time()}
 
 
-__all__ = ["SVFWorkerExtension", "decode_z", "encode_z", "load_into_model_runner", "recompose", "reloads_layerwise",
+__all__ = ["SVFWorkerExtension", "ZReader", "ZWriter", "decode_z", "encode_z", "load_into_model_runner", "recompose", "reloads_layerwise",
            "z_directory"]

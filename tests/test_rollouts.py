@@ -2,6 +2,7 @@
 `VLLMClient` (a changed TRL signature fails these tests), and the z-only worker extension runs on a plain copy of
 the base model standing in for vLLM's model (its `load_weights` takes HF names, as vLLM's does)."""
 import copy
+import json
 import socket
 from types import SimpleNamespace
 from unittest import mock
@@ -17,7 +18,7 @@ from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollo
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
 from t2edit.training import SVFTrainer, TrainConfig, greedy_answers
-from t2edit.vllm_worker import SVFWorkerExtension, decode_z, encode_z, load_into_model_runner
+from t2edit.vllm_worker import SVFWorkerExtension, ZReader, ZWriter, decode_z, encode_z, load_into_model_runner
 
 URL = "http://127.0.0.1:8000"
 
@@ -149,7 +150,7 @@ def test_z_only_sync_recomposes_the_policy_weights_on_the_worker(tiny_tokenizer,
     rollouts.sync_weights()
     sent = decode_z(session.posts[-1][1]["args"][0])
     assert list(sent) == [svf.layer_names[0]] and torch.equal(sent[svf.layer_names[0]], svf.z_parameters()[0])
-    assert rollouts.last_sync["bytes"] < 4 * svf.z_parameters()[0].numel() + 200  # fp32 + safetensors header
+    assert rollouts.last_sync["bytes"] == 4 * svf.z_parameters()[0].numel()  # float32, nothing else
 
 
 class FakeReloadingRunner:
@@ -268,7 +269,34 @@ def test_z_payload_round_trips_exactly_and_the_message_stays_small(tmp_path):
     message = encode_z(z, str(tmp_path))
     back = decode_z(message)
     assert list(back) == ["a.b", "c"] and all(torch.equal(back[k], z[k]) for k in z)
-    assert len(message) < 200 and [p.name for p in tmp_path.iterdir()] == ["z.safetensors"]  # no partial file left
+    assert len(message) < 200 and sorted(p.name for p in tmp_path.iterdir()) == ["z-1.bin", "z-1.json"]
+    assert json.loads(message)["bytes"] == 4 * 30_007
+
+
+def test_z_file_is_overwritten_in_place_until_the_layers_sent_change(tmp_path):
+    writer, reader = ZWriter(str(tmp_path)), ZReader()
+    z = {"a": torch.randn(5), "b": torch.randn(3)}
+    first = reader.read(writer.write(z))
+    held = first["a"]  # the worker keeps views of what it read
+    for step in range(3):  # same layers: same file, written over; the reader follows each write
+        z = {"a": torch.randn(5), "b": torch.randn(3)}
+        message = writer.write(z)
+        assert json.loads(message)["path"] == str(tmp_path / "z-1.bin")
+        back = reader.read(message)
+        assert all(torch.equal(back[k], z[k]) for k in z) and torch.equal(held, z["a"])
+    before_change = back["b"].clone()
+    only_a = {"a": torch.randn(5)}  # another layout: a new file, the old one removed, b's last value kept
+    back = reader.read(writer.write(only_a))
+    assert list(back) == ["a"] and torch.equal(back["a"], only_a["a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z-2.bin", "z-2.json"]
+    assert torch.equal(first["b"], before_change)
+    gpu_like = {"a": torch.randn(5, dtype=torch.float64)}  # not float32 on the CPU: joined, then copied in
+    assert torch.equal(reader.read(writer.write(gpu_like))["a"], gpu_like["a"].float())
+    with pytest.raises(ValueError, match="no z to send"):
+        writer.write({})
+    stale = json.dumps({**json.loads(writer.write(only_a)), "version": 4})
+    with pytest.raises(ValueError, match="install the same t2edit on the trainer and the vLLM server"):
+        ZReader().read(stale)
 
 
 def test_sync_bytes_match_the_payloads_and_llama_sizes(tiny_tokenizer):
