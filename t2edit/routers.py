@@ -78,8 +78,10 @@ def encode(model: AdaptiveModel, tokenizer, prompts: Sequence[str], batch_size: 
     if tokenizer.padding_side != "left":
         raise ValueError("routing reads each prompt's last token; set tokenizer.padding_side = 'left'")
     key = (tuple(prompts), batch_size, None if layers is None else tuple(sorted(set(layers))))
-    if cache is not None and key in cache:
-        return cache[key]
+    if cache is not None:
+        hit = _cached_pass1(cache, key)
+        if hit is not None:
+            return hit
     batches = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(model.device)
@@ -91,6 +93,22 @@ def encode(model: AdaptiveModel, tokenizer, prompts: Sequence[str], batch_size: 
     if cache is not None:
         cache[key] = batches
     return batches
+
+
+def _cached_pass1(cache: dict, key: tuple) -> list[PromptBatch] | None:
+    """A cached pass 1 over the same prompts that kept every layer `key` asks for (it may have kept more: the
+    hybrid router runs one pass for the layers of both its halves)."""
+    if key in cache:
+        return cache[key]
+    prompts, batch_size, layers = key
+    for (other_prompts, other_size, _), batches in cache.items():
+        if other_prompts != prompts or other_size != batch_size or not batches:
+            continue
+        kept = {i for i, h in enumerate(batches[0].hidden_states) if h is not None}
+        count = len(batches[0].hidden_states)
+        if layers is not None and {layer % count for layer in layers} <= kept:
+            return batches
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- embedding
@@ -412,10 +430,16 @@ class HybridRouter(ExpertRouter):
     def __init__(self, scope: dict | None = None, embedding: dict | None = None):
         self.scope, self.embedding = ScopeRouter(**(scope or {})), EmbeddingRouter(**(embedding or {}))
 
-    def fit(self, model, tokenizer=None, negatives=(), **kwargs):
+    def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **kwargs):
         super().fit(model)
-        self.scope.fit(model, tokenizer, negatives, **kwargs)
-        self.embedding.fit(model, tokenizer, negatives, **kwargs)
+        # One pass 1 over the negatives for both halves: the layers the scope half keys on and the last one, which
+        # the embedding half reads; each half then finds them in the cache.
+        cache = {} if pass1_cache is None else pass1_cache
+        if negatives:
+            encode(model, tokenizer, list(negatives), cache=cache,
+                   layers=[self.scope.layer, self.scope.subject_layer, -1])
+        self.scope.fit(model, tokenizer, negatives, pass1_cache=cache, **kwargs)
+        self.embedding.fit(model, tokenizer, negatives, pass1_cache=cache, **kwargs)
         return self
 
     def weights(self, batch):

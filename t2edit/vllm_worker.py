@@ -8,11 +8,11 @@ vLLM mixes `SVFWorkerExtension` into its GPU worker when started with
 1. `svf_load_factors(manifest)` once per run (and after a resume): U, s, Vᵀ of every SVF layer, read from the
    safetensors files the trainer wrote (same machine), are kept on the rollout GPU next to the served model.
 2. `svf_set_z(payload)` after every optimizer step: only the z vectors (Llama-3.2-1B MLP: 98,304 floats, 393 KB)
-   travel, in a file in shared memory that the message names (`ZWriter` / `ZReader`); in colocate mode, where the worker lives in the trainer's
-   process, `svf_set_z_tensors(z)` takes the tensors themselves. W' = U diag(s·f(z)) Vᵀ is recomposed here, with the
-   trainer's own formula (`recompose`), and handed to the model under the base model's parameter names, which vLLM
-   fuses into gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a layer-wise reload on vLLM's CPU
-   backend).
+   travel, in a file in shared memory that the message names (`ZWriter` / `ZReader`); in colocate mode, where the
+   worker lives in the trainer's process, `svf_set_z_tensors(z)` takes the tensors themselves. W' = U diag(s·f(z)) Vᵀ
+   is recomposed here, with the trainer's own formula (`recompose`), and handed to the model under the base model's
+   parameter names, which vLLM fuses into gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a
+   layer-wise reload on vLLM's CPU backend).
 
 This module imports only torch, safetensors and t2edit.svf, so it loads in any vLLM process.
 """

@@ -74,6 +74,30 @@ def test_fits_sharing_a_pass1_cache_run_the_negatives_once_and_keep_only_the_lay
     assert torch.equal(_route(cached, tokenizer, prompts), _route(fresh, tokenizer, prompts))
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_hybrid_router_runs_the_negatives_through_pass_1_once_for_both_halves(adaptive_factory, monkeypatch,
+                                                                                  shared):
+    make, tokenizer = adaptive_factory
+    negatives_ids = tokenizer(NEGATIVES, return_tensors="pt", padding=True)["input_ids"]
+    runs = []
+    real_pass1 = AdaptiveModel.pass1
+
+    def counting_pass1(self, input_ids, *args, **kwargs):
+        if input_ids.shape == negatives_ids.shape and torch.equal(input_ids.cpu(), negatives_ids):
+            runs.append(1)
+        return real_pass1(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptiveModel, "pass1", counting_pass1)
+    model = make(get_router("hybrid"), **({"pass1_cache": {}} if shared else {}))
+    assert len(runs) == 1  # once, not once per half
+    monkeypatch.setattr(AdaptiveModel, "pass1", real_pass1)
+    scope, embedding = make(get_router("scope")), make(get_router("embedding"))  # each half fitted on its own
+    prompts = [r.prompt for r in EDITS] + NEGATIVES + TEXTS
+    by_scope, by_embedding = _route(scope, tokenizer, prompts), _route(embedding, tokenizer, prompts)
+    expected = torch.where(by_scope[:, -1:] == 1, by_embedding, by_scope)
+    assert torch.equal(_route(model, tokenizer, prompts), expected)
+
+
 def test_scope_router_recognises_an_alias_and_a_two_hop_question_but_not_another_relation(adaptive_factory):
     make, tokenizer = adaptive_factory
     model = make(get_router("scope"))
