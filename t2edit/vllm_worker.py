@@ -185,7 +185,7 @@ class SVFWorkerExtension:
         return len(self._svf_layers)
 
     def svf_set_z(self, payload: str) -> dict:
-        """Rebuild W' from the z in `payload` (a message from `encode_z`) and load it; returns the layers loaded and
+        """Rebuild W' from the z in `payload` (a message from `ZWriter.write`) and load it; returns the layers loaded and
         the seconds it took here, so the trainer can tell transfer time from recompose time."""
         arrived = time.time()  # wall clock, comparable with the trainer's (same machine): splits the transfer in two
         if getattr(self, "_svf_reader", None) is None:
@@ -224,5 +224,5 @@ class SVFWorkerExtension:
         return {"layers": count, "seconds": time.perf_counter() - started, "arrived": arrived, "left": time.time()}
 
 
-__all__ = ["SVFWorkerExtension", "ZReader", "ZWriter", "decode_z", "encode_z", "load_into_model_runner", "recompose", "reloads_layerwise",
-           "z_directory"]
+__all__ = ["SVFWorkerExtension", "ZReader", "ZWriter", "decode_z", "encode_z", "load_into_model_runner", "recompose",
+           "reloads_layerwise", "z_directory"]
