@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -187,10 +188,6 @@ class ZOnly:
         return {name: value.clone() for name, value in self.z.items()}
 
 
-def median(values):
-    return sorted(values)[len(values) // 2]
-
-
 @torch.no_grad()
 def llama_1b_sync(args, repeats: int = 5):
     """Seconds per sync of Llama-3.2-1B-shaped SVF layers on this device (random bf16 weights and fp32 factors, every
@@ -227,7 +224,7 @@ def llama_1b_sync(args, repeats: int = 5):
                 assert rollouts.last_sync["layers"] == len(layers), rollouts.last_sync
                 syncs.append(rollouts.last_sync)
             for key in ("seconds", "worker_seconds", "transfer_seconds", "to_worker_seconds", "from_worker_seconds"):
-                row[f"{path}_{key.removesuffix('_seconds')}_ms"] = 1e3 * median([s[key] for s in syncs[1:]])
+                row[f"{path}_{key.removesuffix('_seconds')}_ms"] = 1e3 * statistics.median([s[key] for s in syncs[1:]])
             row[f"{path}_transfer_max_ms"] = 1e3 * max(s["transfer_seconds"] for s in syncs[1:])
             row[f"{path}_bytes"] = syncs[-1]["bytes"]
         expected = recompose(*factors[layers[0][1]], z[layers[0][0]], worker._svf_config).to(dtype)
@@ -245,7 +242,8 @@ def llama_1b_sync(args, repeats: int = 5):
             builds.append(built - started)
             loads.append(time.perf_counter() - built)
             del weights
-        row["merged_build_ms"], row["merged_load_in_place_ms"] = 1e3 * median(builds[1:]), 1e3 * median(loads[1:])
+        row["merged_build_ms"] = 1e3 * statistics.median(builds[1:])
+        row["merged_load_in_place_ms"] = 1e3 * statistics.median(loads[1:])
         rows[label] = row
         del factors, served, llm, worker
         if device.type == "cuda":

@@ -355,19 +355,21 @@ def _gpu_smoke_run_block(payload: dict) -> list[str]:
 
 def _gpu_sync_block(payload: dict) -> list[str]:
     """scripts/gpu_smoke.py's Llama-3.2-1B-shaped syncs through the worker on the GPU (vLLM's own hop excepted)."""
-    lines = ["| SVF layers | sync | bytes handed over | sync (median) | worker: rebuild + load W' | transfer (median; max) "
-             "| of it: there / back |", "|---|---|---|---|---|---|---|"]
+    lines = ["| SVF layers | sync | bytes handed over | sync (median) | worker: rebuild + load W' "
+             "| transfer (median; max) | of it: there / back |", "|---|---|---|---|---|---|---|"]
     def ms(milliseconds: float) -> str:
         return _milliseconds(milliseconds / 1e3)
 
     for label, row in payload["llama_3.2_1b"].items():
-        for path, said in (("z_file", "z as a file in /dev/shm (server path)"), ("z_tensors", "z as tensors (colocate)")):
+        for path, said in (("z_file", "z as a file in /dev/shm (server path)"),
+                           ("z_tensors", "z as tensors (colocate)")):
             lines.append(f"| {label} ({row['layers']}) | {said} | {row[f'{path}_bytes'] / 1e3:,.0f} KB | "
                          f"{ms(row[f'{path}_seconds_ms'])} | {ms(row[f'{path}_worker_ms'])} | "
                          f"{ms(row[f'{path}_transfer_ms'])}; {ms(row[f'{path}_transfer_max_ms'])} | "
                          f"{ms(row[f'{path}_to_worker_ms'])} / {ms(row[f'{path}_from_worker_ms'])} |")
         lines.append(f"| {label} ({row['layers']}) | merged W' bf16: built by the trainer, loaded in place | "
-                     f"{row['merged_bf16_bytes'] / 1e9:.2f} GB | {ms(row['merged_build_ms'] + row['merged_load_in_place_ms'])} | "
+                     f"{row['merged_bf16_bytes'] / 1e9:.2f} GB | "
+                     f"{ms(row['merged_build_ms'] + row['merged_load_in_place_ms'])} | "
                      f"build {ms(row['merged_build_ms'])}, load {ms(row['merged_load_in_place_ms'])} | "
                      f"NCCL to a second GPU: not timed | – |")
     return lines
@@ -393,8 +395,7 @@ def _vllm_sync_block(payload: dict) -> list[str]:
 
 def _z_payload_block(payload: dict) -> list[str]:
     """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size, on each machine."""
-    machines = [(key, payload["platforms"][key.removeprefix("payload_") if key != "payload" else "here"])
-                for key in payload if key.startswith("payload")]
+    machines = list(payload["platforms"].items())  # (key of that machine's rows, what to call it)
     lines = ["| model (every linear layer) | SVF layers | z file | " + " | ".join(
         f"{said}: write / read (max of both)" for _, said in machines) + " |", "|---" * (3 + len(machines)) + "|"]
     for index, r in enumerate(payload["payload"]):
@@ -436,7 +437,8 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "sequential-world": _sequential_block, "composition-world-split": _composition_block,
           "composition-smollm2": _composition_block,
           "sequential-world-split": _sequential_block, "routing-smollm2": _routing_block, "sync-bytes": _sync_bytes_block,
-          "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block, "baseline-tuning-ft": _tuning_block("ft_grid"),
+          "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block,
+          "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
           "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block,
           "z-payload": _z_payload_block}

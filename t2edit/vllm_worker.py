@@ -89,7 +89,10 @@ class ZReader:
     of the buffer held from the last one stay right)."""
 
     def __init__(self):
-        self.path: str | None = None
+        self.path: str | None = None  # the file mapped now, with its layout and the buffer z is copied into
+        self.mapped = self.buffer = None
+        self.names: list[str] = []
+        self.lengths: list[int] = []
 
     def read(self, payload: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         data = json.loads(payload)
@@ -185,8 +188,8 @@ class SVFWorkerExtension:
         return len(self._svf_layers)
 
     def svf_set_z(self, payload: str) -> dict:
-        """Rebuild W' from the z in `payload` (a message from `ZWriter.write`) and load it; returns the layers loaded and
-        the seconds it took here, so the trainer can tell transfer time from recompose time."""
+        """Rebuild W' from the z in `payload` (a message from `ZWriter.write`) and load it; returns the layers loaded
+        and the seconds it took here, so the trainer can tell transfer time from recompose time."""
         arrived = time.time()  # wall clock, comparable with the trainer's (same machine): splits the transfer in two
         if getattr(self, "_svf_reader", None) is None:
             self._svf_reader = ZReader()
