@@ -13,8 +13,8 @@ For each SVF target set it builds the model once (SVD factors cached under ~/.ca
 The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
 each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
 rebuilding W' from z and loading it, `transfer` the rest of the round trip, split into `to worker` (writing z, the
-RPC, reading z) and `back` (the answer's way back); an empty RPC and one carrying z inline as JSON are timed beside
-it.
+RPC, reading z) and `back` (the answer's way back); an empty RPC (over the kept connection and over a new one) and
+one carrying z inline as JSON are timed beside it.
 """
 from __future__ import annotations
 
@@ -89,6 +89,23 @@ def rpc_round_trip(engine, *args: str, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def empty_rpc_round_trips(engine, repeats: int = 5) -> tuple[float, float | None]:
+    """Median seconds of an empty RPC over the connection `ServerEngine` keeps open, and over a new connection each
+    time (`requests.post`, what it did until 2026-11-27), taken turn about; (median, None) for an engine without
+    HTTP (colocated)."""
+    if not isinstance(engine, ServerEngine):
+        return rpc_round_trip(engine, repeats=repeats), None
+    import requests
+
+    kept, new = [], []
+    for _ in range(repeats):
+        kept.append(rpc_round_trip(engine, repeats=1))
+        started = time.perf_counter()
+        requests.post(f"{engine.base_url}/collective_rpc", json={"method": "svf_ping", "args": []}).raise_for_status()
+        new.append(time.perf_counter() - started)
+    return statistics.median(kept), statistics.median(new)
+
+
 def inline_z_message(model) -> str:
     """z as one JSON string of base64 float32 (the way to send it without a shared file), for timing only."""
     return json.dumps({name: base64.b64encode(z.detach().float().cpu().numpy().tobytes()).decode()
@@ -112,7 +129,9 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
         return statistics.median(values) if values else None
 
     inline = inline_z_message(model)
-    return {"sync": sync, "empty_rpc_seconds": rpc_round_trip(engine), "inline_z_bytes": len(inline),
+    empty, empty_new_connection = empty_rpc_round_trips(engine)
+    return {"sync": sync, "empty_rpc_seconds": empty, "empty_rpc_new_connection_seconds": empty_new_connection,
+            "inline_z_bytes": len(inline),
             "inline_z_rpc_seconds": rpc_round_trip(engine, inline), "layers": rows[-1]["layers"],
             "bytes": rows[-1]["bytes"], "first_full_seconds": first["seconds"], "seconds": median("seconds"),
             "worker_seconds": median("worker_seconds"), "transfer_seconds": median("transfer_seconds"),
@@ -229,7 +248,8 @@ def main(argv=None):
     print(f"\nsync into vLLM, {results['model']}, {platform} (median of {args.repeats} syncs after the first)")
     columns = {"seconds": "total ms", "worker_seconds": "worker ms", "transfer_seconds": "transfer ms",
                "transfer_seconds_max": "(max)", "to_worker_seconds": "to worker ms", "from_worker_seconds": "back ms",
-               "empty_rpc_seconds": "empty RPC ms", "inline_z_rpc_seconds": "RPC with z inline ms"}
+               "empty_rpc_seconds": "empty RPC ms", "empty_rpc_new_connection_seconds": "(new connection)",
+               "inline_z_rpc_seconds": "RPC with z inline ms"}
     print(f"{'targets':<11} {'mode':<9} {'sync':<7} {'MB':>8} " + " ".join(f"{title:>{len(title)}}"
                                                                        for title in columns.values()))
     for r in results["runs"]:

@@ -208,6 +208,8 @@ class ServerEngine:
 
     def __init__(self, client, base_url: str, session=None):
         self.client, self.base_url = client, base_url.rstrip("/")
+        # Kept open across syncs: a new connection per RPC (what `requests.post` makes) costs a TCP handshake and a
+        # fresh session every step. Not the client's own session: that retries a refused RPC three times over 14 s.
         self.session = session
         self.communicator_ready = False
         self.z_writer = None  # t2edit.vllm_worker.ZWriter, made on the first z sync
@@ -227,8 +229,9 @@ class ServerEngine:
     def rpc(self, method: str, *args: str):
         import requests
 
-        session = self.session or requests
-        response = session.post(f"{self.base_url}/collective_rpc", json={"method": method, "args": list(args)})
+        if self.session is None:
+            self.session = requests.Session()
+        response = self.session.post(f"{self.base_url}/collective_rpc", json={"method": method, "args": list(args)})
         if response.status_code == 404:
             raise RuntimeError(f"the vLLM server at {self.base_url} has no /collective_rpc endpoint; start it with "
                                f"VLLM_SERVER_DEV_MODE=1 (scripts/serve_vllm.sh does), or use vllm_sync: merged")

@@ -2,8 +2,10 @@
 `VLLMClient` (a changed TRL signature fails these tests), and the z-only worker extension runs on a plain copy of
 the base model standing in for vLLM's model (its `load_weights` takes HF names, as vLLM's does)."""
 import copy
+import http.server
 import json
 import socket
+import threading
 from types import SimpleNamespace
 from unittest import mock
 
@@ -403,6 +405,42 @@ def test_server_down_gives_the_url_and_the_fix(tiny_tokenizer, monkeypatch):
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(RuntimeError, match=rf"no vLLM server answers at {url}.*serve_vllm.sh"):
         make_vllm_rollouts(svf, tiny_tokenizer, base_url=url, connection_timeout=0)
+
+
+def test_server_rpcs_reuse_one_connection():
+    """Every sync is an RPC: each must not open a new TCP connection (a handshake and a new session per step)."""
+    connections = []
+
+    class CollectiveRPC(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's server (uvicorn) speaks
+
+        def setup(self):
+            super().setup()
+            connections.append(self.client_address)
+
+        def do_POST(self):  # noqa: N802 - the name http.server calls
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = json.dumps({"results": [f"{request['method']} {request['args']}"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CollectiveRPC)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        engine = ServerEngine(autospec_client(), f"http://127.0.0.1:{server.server_address[1]}")
+        answers = [engine.rpc("svf_ping", str(i)) for i in range(3)]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == [["svf_ping ['0']"], ["svf_ping ['1']"], ["svf_ping ['2']"]]
+    assert len(connections) == 1
 
 
 def test_z_sync_names_the_fix_when_the_server_lacks_the_extension(tiny_tokenizer):
