@@ -175,17 +175,17 @@ def payload_rows(repeats: int) -> list[dict]:
 
 def measure(args, model_dir: Path, engines: dict, runs: list) -> None:
     """Every (targets, mode, sync) row into `runs`; engines started go into `engines` (mode -> (engine, server))."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for target in args.targets.split(","):
         # bf16, as on the GPU recipe: a colocated engine serves the trainer's dtype, a server the checkpoint's
-        model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(args.device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(args.device)
         model = apply_svf(model, SVFConfig(target_modules=target), progress=True)
         for mode in args.modes.split(","):
             if mode == "server":
                 if "server" not in engines:
-                    server = start_server(model_dir, args.port, model_dir.parent / "server.log")
+                    server = start_server(model_dir, args.port, args.work / "server.log")
                     url = f"http://127.0.0.1:{args.port}"
                     engines["server"] = (ServerEngine(connect_server(url), url), server)
                 paths = ["z"] + (["merged"] if args.device == "cuda" else [])
@@ -207,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--targets", default="mlp,all-linear")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--port", type=int, default=8021)
+    parser.add_argument("--model", type=Path, help="time syncs on this local HF model directory (Llama-like) instead "
+                        "of a random model with Llama-3.2-1B's shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -226,10 +228,13 @@ def main(argv=None):
                                                   indent=2))
         return
 
-    work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
-    model_dir = build_model_dir(work / "llama-1b-shapes")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a model directory (no config.json); give a local HF checkpoint")
+    args.work = work = Path(tempfile.mkdtemp(prefix="t2edit-sync-bench-"))
+    model_dir = args.model or build_model_dir(work / "llama-1b-shapes")
     platform = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    results = {"platform": platform, "model": "Llama-3.2-1B layer shapes, random bf16 weights", "runs": []}
+    name = f"{args.model} (bf16)" if args.model else "Llama-3.2-1B layer shapes, random bf16 weights"
+    results = {"platform": platform, "model": name, "runs": []}
     engines = {}
     failed = True
     try:
@@ -240,7 +245,8 @@ def main(argv=None):
             if server is not None:
                 server.terminate()
                 server.wait(timeout=60)
-        shutil.rmtree(model_dir, ignore_errors=True)
+        if args.model is None:
+            shutil.rmtree(model_dir, ignore_errors=True)
         if failed:
             print(f"the vLLM server's log (if one started): {work / 'server.log'}", file=sys.stderr)
         else:
