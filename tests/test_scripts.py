@@ -17,3 +17,11 @@ def test_script_imports(script, monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(script)])
     namespace = runpy.run_path(str(script), run_name="imported_by_test")  # top level only: main() does not run
     assert callable(namespace.get("main")), f"{script.name} has no main()"
+
+
+def test_sync_bench_refuses_a_model_directory_without_a_config(tmp_path, capsys):
+    """`bench_vllm_sync.py --model DIR` stops before starting any vLLM engine when DIR holds no checkpoint."""
+    namespace = runpy.run_path(str(SCRIPTS[0].parent / "bench_vllm_sync.py"), run_name="imported_by_test")
+    with pytest.raises(SystemExit):
+        namespace["main"](["--model", str(tmp_path), "--modes", "server"])
+    assert f"--model {tmp_path}: not a model directory (no config.json)" in capsys.readouterr().err
