@@ -9,7 +9,8 @@ For each SVF target set it builds the model once (SVD factors cached under ~/.ca
   goes over NCCL and needs CUDA on both sides, so it is timed only where the trainer is on a GPU);
 * colocate: an engine in this process; z-only and merged-weight sync;
 * payload (no vLLM needed): writing and reading the z file of the server path at Llama 1B, 8B, 70B and 405B shapes
-  (every linear layer), the part of the transfer that grows with the model (the RPC carries ~70 bytes at any size).
+  (`--targets`: MLP, every linear layer), the part of the transfer that grows with the model (the RPC carries ~70
+  bytes at any size).
 The first sync of a run is full (factors, then every layer); the figures are the median of `--repeats` later syncs,
 each after every z changed (as after an optimizer step). For z-only sync, `worker` is what vLLM's worker spent
 rebuilding W' from z and loading it, `transfer` the rest of the round trip, split into `to worker` (writing z, the
@@ -140,36 +141,37 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
                                         default=None)}
 
 
-def payload_rows(repeats: int) -> list[dict]:
+def payload_rows(repeats: int, targets: list[str]) -> list[dict]:
     """Seconds to write z into the file the trainer keeps in shared memory (`ZWriter`) and to read it back as a
-    worker does (`ZReader`), every linear layer of each Llama size; median of `repeats` after one warm-up (the first
-    write of a run makes the file)."""
+    worker does (`ZReader`), for each Llama size and SVF target set ("mlp", "all-linear"); median of `repeats` after
+    one warm-up (the first write of a run makes the file)."""
     from t2edit.vllm_worker import ZReader, ZWriter, z_directory
 
     rows = []
-    for model in LLAMA_SHAPES:
-        directory = z_directory()
-        try:
-            writer, reader = ZWriter(directory), ZReader()
-            z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(True, model)}
-            writes, reads = [], []
-            for _ in range(repeats + 1):
-                for value in z.values():
-                    value.add_(1e-3)
-                started = time.perf_counter()
-                message = writer.write(z)
-                written = time.perf_counter()
-                back = reader.read(message)
-                writes.append(written - started)
-                reads.append(time.perf_counter() - written)
-            assert all(torch.equal(back[name], z[name]) for name in z)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        row = {"model": model, "layers": len(z), "bytes": json.loads(message)["bytes"],
-               "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
-               "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for target in targets:
+        for model in LLAMA_SHAPES:
+            directory = z_directory()
+            try:
+                writer, reader = ZWriter(directory), ZReader()
+                z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(target == "all-linear", model)}
+                writes, reads = [], []
+                for _ in range(repeats + 1):
+                    for value in z.values():
+                        value.add_(1e-3)
+                    started = time.perf_counter()
+                    message = writer.write(z)
+                    written = time.perf_counter()
+                    back = reader.read(message)
+                    writes.append(written - started)
+                    reads.append(time.perf_counter() - written)
+                assert all(torch.equal(back[name], z[name]) for name in z)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            row = {"model": model, "targets": target, "layers": len(z), "bytes": json.loads(message)["bytes"],
+                   "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
+                   "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -217,11 +219,15 @@ def main(argv=None):
     if unknown or ("payload" in modes and len(modes) > 1):
         parser.error(f"--modes {args.modes}: give server and/or colocate, or payload alone (it needs no vLLM)")
     if modes == ["payload"]:
-        rows = payload_rows(max(args.repeats, 20))
-        print(f"\nz file of the server path, every linear layer, median of {max(args.repeats, 20)}")
-        print(f"{'model':<15} {'layers':>6} {'MB':>7} {'write ms':>9} {'read ms':>8} {'max ms':>7}")
+        targets = args.targets.split(",")
+        if set(targets) - {"mlp", "all-linear"}:
+            parser.error(f"--targets {args.targets}: payload mode times mlp and/or all-linear")
+        rows = payload_rows(max(args.repeats, 20), targets)
+        print(f"\nz file of the server path, median of {max(args.repeats, 20)}")
+        print(f"{'model':<15} {'targets':<11} {'layers':>6} {'MB':>7} {'write ms':>9} {'read ms':>8} {'max ms':>7}")
         for r in rows:
-            print(f"{r['model']:<15} {r['layers']:>6} {r['bytes'] / 1e6:>7.2f} {1e3 * r['write_seconds']:>9.2f} "
+            print(f"{r['model']:<15} {r['targets']:<11} {r['layers']:>6} {r['bytes'] / 1e6:>7.2f} "
+                  f"{1e3 * r['write_seconds']:>9.2f} "
                   f"{1e3 * r['read_seconds']:>8.2f} {1e3 * r['write_read_seconds_max']:>7.2f}")
         if args.json:
             Path(args.json).write_text(json.dumps({"platform": f"CPU ({os.cpu_count()} cores)", "payload": rows},

@@ -404,17 +404,20 @@ def _vllm_sync_block(payload: dict) -> list[str]:
 
 
 def _z_payload_block(payload: dict) -> list[str]:
-    """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size, on each machine."""
+    """scripts/bench_vllm_sync.py --modes payload: the z file of the server path by model size and SVF target set,
+    on each machine ("not run" where a machine has no row for it)."""
     machines = list(payload["platforms"].items())  # (key of that machine's rows, what to call it)
-    lines = ["| model (every linear layer) | SVF layers | z file | " + " | ".join(
+    lines = ["| model | SVF layers | z file | " + " | ".join(
         f"{said}: write / read (max of both)" for _, said in machines) + " |", "|---" * (3 + len(machines)) + "|"]
-    for index, r in enumerate(payload["payload"]):
+    ms = _milliseconds
+    for r in payload["payload"]:
         cells = []
         for key, _ in machines:
-            m = payload[key][index]
-            cells.append(f"{_milliseconds(m['write_seconds'])} / {_milliseconds(m['read_seconds'])} "
-                         f"({_milliseconds(m['write_read_seconds_max'])})")
-        lines.append(f"| {r['model']} | {r['layers']} | {r['bytes'] / 1e6:.2f} MB | " + " | ".join(cells) + " |")
+            same = [m for m in payload[key] if (m["model"], m["targets"]) == (r["model"], r["targets"])]
+            cells.append(f"{ms(same[0]['write_seconds'])} / {ms(same[0]['read_seconds'])} "
+                         f"({ms(same[0]['write_read_seconds_max'])})" if same else "not run")
+        lines.append(f"| {r['model']} | {r['layers']} ({r['targets']}) | {r['bytes'] / 1e6:.2f} MB | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
