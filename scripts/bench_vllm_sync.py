@@ -142,37 +142,40 @@ def time_syncs(model, tokenizer, engine, sync: str, repeats: int) -> dict:
 
 
 def payload_rows(repeats: int, targets: list[str]) -> list[dict]:
-    """Seconds to write z into the file the trainer keeps in shared memory (`ZWriter`) and to read it back as a
-    worker does (`ZReader`), for each Llama size and SVF target set ("mlp", "all-linear"); median of `repeats` after
-    one warm-up (the first write of a run makes the file)."""
-    from t2edit.vllm_worker import ZReader, ZWriter, z_directory
-
+    """`z_file_row` for each SVF target set ("mlp", "all-linear") and Llama size, printed as they come."""
     rows = []
     for target in targets:
         for model in LLAMA_SHAPES:
-            directory = z_directory()
-            try:
-                writer, reader = ZWriter(directory), ZReader()
-                z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(target == "all-linear", model)}
-                writes, reads = [], []
-                for _ in range(repeats + 1):
-                    for value in z.values():
-                        value.add_(1e-3)
-                    started = time.perf_counter()
-                    message = writer.write(z)
-                    written = time.perf_counter()
-                    back = reader.read(message)
-                    writes.append(written - started)
-                    reads.append(time.perf_counter() - written)
-                assert all(torch.equal(back[name], z[name]) for name in z)
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)
-            row = {"model": model, "targets": target, "layers": len(z), "bytes": json.loads(message)["bytes"],
-                   "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
-                   "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(z_file_row(model, target, repeats))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def z_file_row(model: str, target: str, repeats: int) -> dict:
+    """Seconds to write z into the file the trainer keeps in shared memory (`ZWriter`) and to read it back as a
+    worker does (`ZReader`); median of `repeats` after one warm-up (the first write of a run makes the file)."""
+    from t2edit.vllm_worker import ZReader, ZWriter, z_directory
+
+    directory = z_directory()
+    try:
+        writer, reader = ZWriter(directory), ZReader()
+        z = {name: torch.rand(min(shape)) for name, shape in llama_svf_layers(target == "all-linear", model)}
+        writes, reads = [], []
+        for _ in range(repeats + 1):
+            for value in z.values():
+                value.add_(1e-3)
+            started = time.perf_counter()
+            message = writer.write(z)
+            written = time.perf_counter()
+            back = reader.read(message)
+            writes.append(written - started)
+            reads.append(time.perf_counter() - written)
+        assert all(torch.equal(back[name], z[name]) for name in z)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"model": model, "targets": target, "layers": len(z), "bytes": json.loads(message)["bytes"],
+            "write_seconds": statistics.median(writes[1:]), "read_seconds": statistics.median(reads[1:]),
+            "write_read_seconds_max": max(w + r for w, r in zip(writes[1:], reads[1:]))}
 
 
 def measure(args, model_dir: Path, engines: dict, runs: list) -> None:

@@ -25,3 +25,21 @@ def test_sync_bench_refuses_a_model_directory_without_a_config(tmp_path, capsys)
     with pytest.raises(SystemExit):
         namespace["main"](["--model", str(tmp_path), "--modes", "server"])
     assert f"--model {tmp_path}: not a model directory (no config.json)" in capsys.readouterr().err
+
+
+def test_sync_bench_payload_mode_times_one_float_per_singular_value_at_every_llama_size(tmp_path):
+    """`--modes payload` needs no vLLM: its rows cover every Llama size, and each z file holds exactly the z of the
+    MLP's SVF layers (what `sync_bytes` says a z-only sync sends)."""
+    import json
+
+    from t2edit.rollouts import LLAMA_SHAPES, llama_svf_layers, sync_bytes
+
+    namespace = runpy.run_path(str(SCRIPTS[0].parent / "bench_vllm_sync.py"), run_name="imported_by_test")
+    out = tmp_path / "payload.json"
+    namespace["main"](["--modes", "payload", "--targets", "mlp", "--json", str(out)])
+    rows = json.loads(out.read_text())["payload"]
+    assert [(r["model"], r["targets"]) for r in rows] == [(model, "mlp") for model in LLAMA_SHAPES]
+    for r in rows:
+        shapes = [shape for _, shape in llama_svf_layers(False, r["model"])]
+        assert r["bytes"] == sync_bytes(shapes)["z"] and r["layers"] == len(shapes)
+        assert 0 < r["write_seconds"] and 0 < r["read_seconds"]
