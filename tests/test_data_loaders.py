@@ -380,3 +380,21 @@ def test_real_knowedit_first_50_records():
     assert all(p.answers and p.prompt for r in records for probes in [*r.locality.values(),
                                                                       *r.portability.values()] for p in probes)
     assert load_records(REAL_KNOWEDIT, start=50, limit=10)[0].index == 50
+
+
+@pytest.mark.parametrize("name", ["real-facts", "builtin"])
+def test_shipped_records_name_a_subject_their_prompt_holds(name):
+    """The subject is the span of the prompt the fact is about (KnowEdit's convention): the scope routers key on
+    it and the leakage guard compares it, so "Apple" for "The iPhone is made by" would mislead both."""
+    records = load_records(name)
+    assert records and all(r.subject and r.subject in r.prompt for r in records), [
+        (r.subject, r.prompt) for r in records if r.subject not in r.prompt]
+
+
+def test_a_subject_is_spelled_as_its_prompt_spells_it(tmp_path):
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps([
+        {"subject": "Water", "prompt": "The chemical formula of water is", "target_new": "CO2"},
+        {"subject": "iPhone", "prompt": "Who makes the IPHONE? It is", "target_new": "Samsung"},
+        {"subject": "Apple", "prompt": "The iPhone is made by", "target_new": "Samsung"}]))
+    assert [r.subject for r in load_records(path)] == ["water", "IPHONE", "Apple"]  # the last: not in it at all

@@ -275,6 +275,15 @@ def _read_rows(source: str | os.PathLike, split: str) -> tuple[list, str]:
     return list(hub), f"{source}[{split}]"
 
 
+def _subject_as_written(subject: str, prompt: str) -> str:
+    """The subject spelled as the prompt spells it where only letter case differs ("Water" in "The chemical formula
+    of water is"): the scope routers and the leakage guard find a subject in a prompt by its text."""
+    if not subject or subject in prompt:
+        return subject
+    found = re.search(re.escape(subject), prompt, flags=re.IGNORECASE)
+    return found.group(0) if found else subject
+
+
 def load_records(source: str | os.PathLike, *, limit: int | None = None, start: int = 0, skip_bad: bool = False,
                  stats: LoadStats | None = None, split: str = "train") -> list[EditRecord]:
     """Edit records from a KnowEdit / CounterFact / zsRE (MEND) / ROME file, or from a hub dataset `split`.
@@ -313,6 +322,7 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, start: 
             this_load.problems.append(message)
             continue
         record.index = index
+        record.subject = _subject_as_written(record.subject, record.prompt)
         records.append(record)
         this_load.skipped_items.update(record_skips)
     this_load.records = len(records)
