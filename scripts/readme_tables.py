@@ -56,7 +56,7 @@ TABLES = [
           "python scripts/compare_objectives.py --model smollm2-135m --data ../shared/data/knowedit/train_cf.json "
           "--n-edits 50 --objectives reinforce --out runs/objectives && "
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 50 "
-          "--method none,svf,svf-always,lora,ft,ike,prompt --expert runs/objectives/reinforce/expert "
+          "--method none,svf,svf-always,lora,ft,ike,prompt --router own --expert runs/objectives/reinforce/expert "
           "--out runs/smollm2-batch50 && t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json "
           "--n 50 --method svf --router scope-split --expert runs/objectives/reinforce/expert "
           "--out runs/smollm2-batch50-scope-split", "runs/smollm2-batch50/results.json",
@@ -64,7 +64,7 @@ TABLES = [
           "`runs/smollm2-batch50-scope-split/results.json`"),
     Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single "
-          "--method none,svf,svf-always,lora,ft,ike,prompt --no-fluency --out runs/single20",
+          "--method none,svf,svf-always,lora,ft,ike,prompt --router own --no-fluency --out runs/single20",
           "runs/single20/results.json"),
     Table("composition-world", "results/composition_world.json",
           "t2edit eval --n 100 --composition 1,4,16,0 --out runs/composition", "runs/composition/rows-k*.json",

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "expert where its router says; svf-always: the expert on every prompt)")
     evaluate.add_argument("--expert", default=None, help="trained expert directory for the svf methods")
     evaluate.add_argument("--router", default=None,
-                          help="method svf: route with this t2edit.routers router (e.g. scope-split, fitted on the "
-                               "training side) instead of the expert's own embedding router")
+                          help="method svf: the t2edit.routers router that picks the prompts the expert applies to "
+                               "(fitted on the training side), or 'own' (the expert's own prompt-end router); "
+                               "default: scope-split on a real model, own on a fact world")
     evaluate.add_argument("--n", type=int, default=None, help="number of records to edit (default: all)")
     evaluate.add_argument("--train-data", default=None,
                           help="training split: IKE demonstrations, SVF neighbours and router negatives come from "

@@ -14,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="world directory or model name (smollm2-135m, a transformers path); default: the "
                              "built-in fact world")
     parser.add_argument("--experts", nargs="+", required=True, help="expert directories (expert_config.json inside)")
-    parser.add_argument("--router", default="embedding", choices=sorted(set(ROUTERS) - {"oracle"}),
-                        help="how experts are picked per prompt (default: embedding; scope: subject + relation)")
+    parser.add_argument("--router", default=None, choices=sorted(set(ROUTERS) - {"oracle"}),
+                        help="how experts are picked per prompt (default: scope-split, subject + relation, on a "
+                             "real model whose experts name each edit's subject inside its prompt; else embedding)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts", help="text file, one prompt per line")
@@ -54,6 +55,13 @@ def _load(model_name: str | None):
     return model, tokenizer, []
 
 
+def default_router(edits: list[dict], world: bool) -> str:
+    """scope-split on a real model (it recognises an edited subject and relation in other words) when every edit
+    names its subject inside its prompt, which it keys on; embedding otherwise, and on a fact world."""
+    named = bool(edits) and all(e.get("subject") and e["subject"] in e["prompt"] for e in edits)
+    return "scope-split" if named and not world else "embedding"
+
+
 def negatives_from_edits(edits: list[dict]) -> list[str]:
     """Prompts no expert should take, built from the experts' own edits when no other facts are at hand: each
     edit's relation asked about the other edits' subjects and objects, and each edited subject asked about the
@@ -87,10 +95,11 @@ def run(args) -> list[dict]:
         negatives = [n for n in world_facts if n not in edit_prompts and not any(s in n for s in subjects)]
     else:
         negatives = negatives_from_edits(edits)
-    if args.router == "classifier" and not negatives:
+    router = args.router or default_router(edits, world=bool(world_facts))
+    if router == "classifier" and not negatives:
         raise ValueError("--router classifier needs --negatives FILE (prompts the experts must leave alone)")
     tokenizer.padding_side = "left"
-    adaptive = AdaptiveModel.from_experts(model, experts, get_router(args.router), tokenizer, mixing=args.mixing,
+    adaptive = AdaptiveModel.from_experts(model, experts, get_router(router), tokenizer, mixing=args.mixing,
                                           negatives=negatives).eval()
     names = [str(Path(d)) for d in args.experts]
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(adaptive.device)

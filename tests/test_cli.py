@@ -83,6 +83,34 @@ def test_eval_routes_an_expert_with_a_named_router(world_and_expert, tmp_path, c
     assert weights[:4, 0].tolist() == [1.0] * 4 and weights[4:, -1].tolist() == [1.0] * len(locality)
 
 
+@pytest.mark.parametrize("named, world, subjects_in_prompts, used", [
+    (None, False, True, "scope-split"),  # a real model: the router that recognises subject and relation
+    (None, False, False, None),          # scope-split keys on the subject's span: the expert's own router
+    (None, True, True, None),            # a fact world: the expert's own router, as its tables were measured
+    ("own", False, True, None),
+    ("embedding", True, True, "embedding")])
+def test_two_pass_svf_routes_with_scope_split_on_a_real_model_unless_told_otherwise(
+        named, world, subjects_in_prompts, used, monkeypatch):
+    from t2edit import jobs
+    from t2edit.data.records import EditRecord
+    from t2edit.jobs import EditingSetup
+
+    class Chosen(Exception):
+        pass
+
+    def make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts, router):
+        raise Chosen(router)
+
+    monkeypatch.setattr(jobs, "make_editor", make_editor)
+    subject = "Foo" if subjects_in_prompts else "Bar"
+    setup = EditingSetup(model=None, tokenizer=None, model_name="m", extra_neighbour_prompts=[], other_records=[],
+                         edits=[EditRecord(subject=subject, prompt="The capital of Foo is", target_new=["Baz"])],
+                         world_report={"pre_edit_recall": {}} if world else None)
+    with pytest.raises(Chosen) as chosen:
+        jobs.run_eval(setup, ["svf"], "unused", router=named)
+    assert chosen.value.args[0] == used
+
+
 def test_single_mode_runs_the_router_negatives_through_pass_1_once(world_and_expert, monkeypatch):
     """One router fit per record (single mode) on the same negatives: their pass 1 runs at the first fit only, and
     later fits calibrate exactly as a fresh fit does."""
@@ -197,6 +225,17 @@ def test_infer_without_negatives_on_a_real_model_asks_the_edits_relations_about_
     assert {"The occupation of Piet Zelmere is", "The spouse of Vesna Corwick is",
             "The spouse of Orla Jorwick is"} <= set(negatives)
     assert not {e["prompt"] for e in edits} & set(negatives)
+
+
+def test_infer_routes_with_scope_split_on_a_real_model_whose_edits_name_their_subjects():
+    from t2edit.infer import default_router
+
+    named = [{"prompt": "The spouse of Piet Zelmere is", "subject": "Piet Zelmere", "target": "Orla Jorwick"}]
+    assert default_router(named, world=False) == "scope-split"
+    assert default_router(named, world=True) == "embedding"
+    assert default_router([{"prompt": "The spouse of Piet Zelmere is"}], world=False) == "embedding"  # old expert
+    assert default_router([{**named[0], "subject": "Piet"}, {**named[0], "subject": "Orla"}], world=False) \
+        == "embedding"
 
 
 def test_demo_end_to_end_on_a_tiny_world(tmp_path):
