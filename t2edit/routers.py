@@ -211,8 +211,8 @@ class ScopeRouter(ExpertRouter):
         lacking = [e["prompt"] for _, e in edits if not e.get("subject") or e["subject"] not in e["prompt"]]
         if lacking:
             raise ValueError(f"the scope router needs each edit's subject inside its prompt; {len(lacking)} edit(s) "
-                             f"lack it, e.g. {lacking[0]!r}: write it with t2edit.routers.annotate_expert or use "
-                             f"--router embedding")
+                             f"lack it, e.g. {lacking[0]!r}: write it with t2edit.routers.annotate_expert, or "
+                             f"route with --router embedding (or, in t2edit eval, the expert's own: --router own)")
         corpus = [e["prompt"] for _, e in edits] + list(negatives)
         df = Counter(t for text in corpus for t in set(tokenizer(text)["input_ids"]))
         self.idf = lambda ids: torch.tensor([max(math.log((1 + len(corpus)) / (1 + df.get(i, 0))), 0.0) + 1e-3
