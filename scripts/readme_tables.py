@@ -64,8 +64,11 @@ TABLES = [
           "`runs/smollm2-batch50-scope-split/results.json`"),
     Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
           "t2edit eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single "
-          "--method none,svf,svf-always,lora,ft,ike,prompt --router own --no-fluency --out runs/single20",
-          "runs/single20/results.json"),
+          "--method none,svf,svf-always,lora,ft,ike,prompt --router own --no-fluency --out runs/single20 && t2edit "
+          "eval --model smollm2-135m --data ../shared/data/knowedit/train_cf.json --n 20 --mode single --method svf "
+          "--router scope-split --no-fluency --out runs/single20-split", "",
+          "writes `runs/single20/results.json`, and the row `svf (scope-split)` into "
+          "`runs/single20-split/results.json`"),
     Table("composition-world", "results/composition_world.json",
           "t2edit eval --n 100 --composition 1,4,16,0 --out runs/composition", "runs/composition/rows-k*.json",
           "writes `runs/composition/rows-k*.json` and `composition.md`; copy the rows' metrics, `seconds` and "
