@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from t2edit.routers import ROUTERS
+from t2edit.routers import ROUTERS, names_its_subject
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _load(model_name: str | None):
 def default_router(edits: list[dict], world: bool) -> str:
     """scope-split on a real model (it recognises an edited subject and relation in other words) when every edit
     names its subject inside its prompt, which it keys on; embedding otherwise, and on a fact world."""
-    named = bool(edits) and all(e.get("subject") and e["subject"] in e["prompt"] for e in edits)
+    named = bool(edits) and all(names_its_subject(e.get("subject"), e["prompt"]) for e in edits)
     return "scope-split" if named and not world else "embedding"
 
 
@@ -71,7 +71,7 @@ def negatives_from_edits(edits: list[dict]) -> list[str]:
     from t2edit.leakage import prompt_key
 
     records = [EditRecord(subject=e["subject"], prompt=e["prompt"], target_new=[e["target"]]) for e in edits
-               if e.get("subject") and e.get("target") and e["subject"] in e["prompt"]]
+               if e.get("target") and names_its_subject(e.get("subject"), e["prompt"])]
     return template_prompts(records, {prompt_key(e["prompt"]) for e in edits}, limit=800)
 
 

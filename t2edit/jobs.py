@@ -117,7 +117,9 @@ def default_router(setup: EditingSetup) -> str | None:
     whose tables were measured so) the expert's own router (None)."""
     if setup.world_report is not None:
         return None
-    lacking = [r.prompt for r in setup.edits if not r.subject or r.subject not in r.prompt]
+    from t2edit.routers import names_its_subject
+
+    lacking = [r.prompt for r in setup.edits if not names_its_subject(r.subject, r.prompt)]
     if lacking:
         print(f"[t2edit] svf routes with the expert's own router: {len(lacking)} edit(s) do not name their subject "
               f"inside the prompt (e.g. {lacking[0]!r}), which scope-split keys on", flush=True)

@@ -61,6 +61,11 @@ def edits_of(expert) -> list[dict]:
     return [{"prompt": p} for p in expert.info.get("edit_prompts", [])]
 
 
+def names_its_subject(subject: str | None, prompt: str) -> bool:
+    """Whether an edit's subject is written inside its prompt: the span the scope routers key on."""
+    return bool(subject) and subject in prompt
+
+
 def expert_edits(model: AdaptiveModel) -> list[list[dict]]:
     """Per expert, its edits (`edits_of`)."""
     return [edits_of(expert) for expert in model.experts]
@@ -208,7 +213,7 @@ class ScopeRouter(ExpertRouter):
             raise ValueError("the scope router needs the tokenizer")
         self.tokenizer = tokenizer
         edits = [(k, e) for k, es in enumerate(expert_edits(model)) for e in es]
-        lacking = [e["prompt"] for _, e in edits if not e.get("subject") or e["subject"] not in e["prompt"]]
+        lacking = [e["prompt"] for _, e in edits if not names_its_subject(e.get("subject"), e["prompt"])]
         if lacking:
             raise ValueError(f"the scope router needs each edit's subject inside its prompt; {len(lacking)} edit(s) "
                              f"lack it, e.g. {lacking[0]!r}: write it with t2edit.routers.annotate_expert, or "
@@ -697,4 +702,4 @@ def annotate_expert(expert, records) -> None:
 
 __all__ = ["AUTOMATIC", "CEMRouter", "ClassifierRouter", "EmbeddingRouter", "ExpertRouter", "FixedRouter", "HybridRouter",
            "OracleRouter", "PromptRouter", "ROUTERS", "ScopeRouter", "SplitScopeRouter", "UniformRouter", "annotate_expert",
-           "edits_of", "expert_edits", "get_router", "one_hot_choice"]
+           "edits_of", "expert_edits", "get_router", "names_its_subject", "one_hot_choice"]

@@ -96,7 +96,7 @@ def test_two_pass_svf_routes_with_scope_split_on_a_real_model_unless_told_otherw
     from t2edit.jobs import EditingSetup
 
     class Chosen(Exception):
-        pass
+        """Raised with the router run_eval hands the SVF editor, so the evaluation stops there."""
 
     def make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts, router):
         raise Chosen(router)
