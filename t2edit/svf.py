@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from t2edit.files import atomic_write, cache_dir
 from t2edit.precision import autocast_dtype
 
 try:  # GPT-2-style models store linear layers transposed in a Conv1D.
@@ -132,7 +132,7 @@ def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def default_svd_cache_dir() -> Path:
-    return Path(os.environ.get("T2EDIT_CACHE", Path.home() / ".cache" / "t2edit")) / "svd"
+    return cache_dir("svd")
 
 
 def decompose(weight: torch.Tensor, factor_dtype: torch.dtype = torch.float32):
@@ -203,12 +203,9 @@ class SVDCache:
     def _write(self, path: Path, factors, fingerprint: str, layer: str):
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         U, s, Vh = (t.detach().contiguous().cpu() for t in factors)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"U": U, "S": s, "Vh": Vh}, str(tmp),
-                  metadata={"fingerprint": fingerprint, "layer": layer, "version": str(SVD_CACHE_VERSION)})
-        os.replace(tmp, path)
+        metadata = {"fingerprint": fingerprint, "layer": layer, "version": str(SVD_CACHE_VERSION)}
+        atomic_write(path, lambda tmp: save_file({"U": U, "S": s, "Vh": Vh}, str(tmp), metadata=metadata))
 
     def report(self):
         if self.rebuilt:
@@ -281,9 +278,8 @@ class SVFLinear(nn.Module):
         # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
         self.weight_dtype = _weight_as_out_in(base_layer).dtype
         self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
-        self.row_gate: torch.Tensor | None = None  # [batch] of 0/1: which rows of the batch use the expert (routing)
-        # Several experts at once (t2edit.adaptation): a callable (layer, x) -> output that gives each row of the
-        # batch its own mixture; it takes over the whole forward while set.
+        # Two-pass inference (t2edit.routing): a callable (layer, x) -> output that gives each row of the batch its
+        # own mixture of experts (or the original layer); it takes over the whole forward while set.
         self.row_plan = None
 
     @property
@@ -355,9 +351,6 @@ class SVFLinear(nn.Module):
         else:
             out = x @ self.compute_weight(x).T
             out = out + bias if bias is not None else out
-        if self.row_gate is not None:  # routed rows get W', the others the original layer
-            gate = self.row_gate.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-            out = torch.lerp(self.base_layer(x), out, gate)
         return out
 
     def to_plain_layer(self) -> nn.Module:
@@ -484,11 +477,6 @@ def model_bypassed(model: SVFModel):
     return _layers_set(model, bypass=True)
 
 
-def rows_routed(model: SVFModel, gate: torch.Tensor):
-    """Context in which only the rows of a batch marked in `gate` ([batch] bool) use the expert."""
-    return _layers_set(model, row_gate=gate)
-
-
 def rows_planned(model: SVFModel, plan):
     """Context in which every SVF layer hands its forward to `plan(layer, x)` (per-row expert mixtures)."""
     return _layers_set(model, row_plan=plan)
@@ -523,4 +511,4 @@ def svf_config_dict(config: SVFConfig) -> dict:
 
 
 __all__ = ["SVFConfig", "SVFLinear", "SVFModel", "SVDCache", "apply_svf", "find_target_layers", "model_bypassed",
-           "model_fingerprint", "rows_planned", "rows_routed", "weight_fingerprint", "svf_config_dict"]
+           "model_fingerprint", "rows_planned", "weight_fingerprint", "svf_config_dict"]

@@ -35,3 +35,8 @@ def answer_matches(completion: str, aliases: list[str]) -> bool:
 # in-context training). EasyEdit's IKE/ICE query form.
 def new_fact_context(prompt: str, target: str) -> str:
     return f"New Fact: {prompt} {target}\nPrompt: "
+
+
+def copy_demo(prompt: str, target: str) -> str:
+    """An IKE "copy" demonstration: the new-fact context, then the prompt answered with the new fact."""
+    return new_fact_context(prompt, target) + prompt + " " + target + "\n\n"

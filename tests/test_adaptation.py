@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from t2edit.adaptation import AdaptiveModel
+from t2edit.routing import AdaptiveModel
 from t2edit.experts import Expert, ExpertMismatchError
-from t2edit.routers import FixedRouter, OracleRouter, get_router
-from t2edit.routing import RoutedModel, calibrate_router
+from t2edit.routing import FixedRouter, OracleRouter, get_router
+from t2edit.routing import calibrate_own_router
 from t2edit.svf import SVFConfig, apply_svf, model_bypassed
 from t2edit.tiny import build_tiny_model
 
@@ -44,20 +44,25 @@ def _with_expert(svf, expert, tokenizer, prompts):
 
 
 @pytest.mark.parametrize("mixing", ["groups", "rows"])
-def test_one_expert_with_the_embedding_router_reproduces_routed_model(svf, tiny_tokenizer, mixing):
-    router = calibrate_router(svf, tiny_tokenizer, [EDITED], NEGATIVES)
+def test_one_expert_with_the_embedding_router_is_the_expert_on_routed_rows_only(svf, tiny_tokenizer, mixing):
+    """K = 1: the embedding router over one expert decides as the expert's own router, and every mixing path gives
+    routed rows the expert alone and the other rows the unedited model (greedy generation included)."""
+    router = calibrate_own_router(svf, tiny_tokenizer, [EDITED], NEGATIVES)
     expert = _random_expert(svf, 0, router)
     prompts = [EDITED, OTHER, THIRD, EDITED]
-    expert.apply_to(svf)
-    routed = RoutedModel(svf, router)
-    reference = _logits(routed, tiny_tokenizer, prompts)
-    gate = routed.last_gate.clone()
-    reference_ids = routed.generate(**tiny_tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=4,
-                                    do_sample=False)
-    svf.reset_z()
+    own = AdaptiveModel.with_own_router(svf, expert, tiny_tokenizer)
+    reference = _logits(own, tiny_tokenizer, prompts)
+    gate = own.last_weights[:, 0].bool()
+    reference_ids = own.generate(**tiny_tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=4,
+                                 do_sample=False)
+    alone = _with_expert(svf, expert, tiny_tokenizer, prompts)
+    with model_bypassed(svf):
+        unedited = _logits(svf, tiny_tokenizer, prompts)
+    assert gate.tolist() == [True, False, False, True]
+    assert torch.allclose(reference[gate], alone[gate], atol=1e-6, rtol=0)
+    assert torch.equal(reference[~gate], unedited[~gate])
     adaptive = AdaptiveModel(svf, [expert], get_router("embedding"), tiny_tokenizer, mixing=mixing)
     got = _logits(adaptive, tiny_tokenizer, prompts)
-    assert gate.tolist() == [True, False, False, True]
     assert torch.equal(adaptive.last_weights[:, 0].bool(), gate)  # the same routing decisions
     tolerance = 1e-6 if mixing == "groups" else 1e-4  # rows: the factored product rounds differently
     assert torch.allclose(got, reference, atol=tolerance, rtol=0)
@@ -123,7 +128,7 @@ def test_experts_from_directories_and_evaluation_path(svf, tiny_tokenizer, tmp_p
     routes on the prompt alone)."""
     from t2edit.evaluation.metrics import teacher_forced_predictions
 
-    router = calibrate_router(svf, tiny_tokenizer, [EDITED], NEGATIVES)
+    router = calibrate_own_router(svf, tiny_tokenizer, [EDITED], NEGATIVES)
     _random_expert(svf, 0, router, "a").save_pretrained(tmp_path / "a")
     _random_expert(svf, 1, None, "b").save_pretrained(tmp_path / "b")
     base = svf.unload()

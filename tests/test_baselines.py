@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from t2edit.baselines import (METHODS, EditInputError, FTEditor, FTEditorConfig, IKEEditor, LoRAEditor,
+from t2edit.editors import (METHODS, EditInputError, FTEditor, FTEditorConfig, IKEEditor, LoRAEditor,
                               LoRAEditorConfig, PromptEditor, UnknownEditorError, get_editor)
-from t2edit.baselines.defaults import LARGE_REAL, SMALL_REAL, WORLD, baseline_options, baseline_profile
-from t2edit.baselines.ft import mlp_output_module_name
-from t2edit.baselines.ike import BM25, copy_demo
-from t2edit.baselines.target_loss import masked_target_loss, target_batches, train_on_targets
+from t2edit.editors.settings import editor_config, profile, profile_name
+from t2edit.editors.ft import mlp_output_module_name
+from t2edit.editors.ike import BM25
+from t2edit.text import copy_demo
+from t2edit.editors.target_loss import masked_target_loss, target_batches, train_on_targets
 from t2edit.data.records import EditRecord, Probe
-from t2edit.editing import Editor, NoEdit
+from t2edit.editors.base import Editor, NoEdit
 from t2edit.evaluation import teacher_forced_accuracy
 from t2edit.text import new_fact_context
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
@@ -312,12 +312,6 @@ def test_registry_builds_each_method_and_names_the_choices(world):
         get_editor("lora", rnak=4)
 
 
-def test_registry_imports_svf_lazily():
-    probe = "import sys, t2edit.baselines; print('t2edit.training' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
-
-
 # ---------------------------------------------------------------------------------------------- the training loop
 
 def test_batched_target_loss_is_the_mean_of_each_edit_alone(world, model):
@@ -387,25 +381,27 @@ def _meta_llama(num_layers: int, hidden: int, intermediate: int):
         return AutoModelForCausalLM.from_config(config)
 
 
-def test_defaults_follow_the_kind_of_model(world, tiny_tokenizer):
+def test_settings_follow_the_kind_of_model(world, tiny_tokenizer):
     tiny_llama = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
-    assert baseline_profile(world["model"], world=True) is WORLD
-    assert baseline_profile(tiny_llama, world=False) is SMALL_REAL
-    assert baseline_profile(_meta_llama(32, 4096, 11008), world=False) is LARGE_REAL  # Llama-2-7b's shape
+    assert profile_name(world["model"], world=True) == "world"
+    assert profile_name(tiny_llama, world=False) == "small-real"
+    assert profile_name(_meta_llama(32, 4096, 11008), world=False) == "large-real"  # Llama-2-7b's shape
 
-    assert baseline_options("ft", world["model"], world=True) == {"lr": 1e-2, "stop_loss": None}
-    assert baseline_options("lora", world["model"], world=True) == {}
-    small_ft = baseline_options("ft", tiny_llama, world=False)
-    assert small_ft["layer"] == 1 and small_ft["lr"] == SMALL_REAL.ft["lr"]  # depth 1/6 of 6 layers
-    assert baseline_options("ft", _meta_llama(30, 64, 128), world=False)["layer"] == 5  # SmolLM2's 30 layers
-    assert baseline_options("ft", _meta_llama(32, 4096, 11008), world=False)["layer"] == 21  # EasyEdit's layer
-    assert baseline_options("lora", tiny_llama, world=False)["lr"] == SMALL_REAL.lora["lr"]
-    with pytest.raises(ValueError, match="ft and lora"):
-        baseline_options("ike", tiny_llama, world=False)
+    world_ft = editor_config("ft", world["model"], world=True)
+    assert (world_ft.lr, world_ft.stop_loss, world_ft.layer) == (1e-2, None, None)
+    assert editor_config("lora", world["model"], world=True) == LoRAEditorConfig()
+    small_ft = editor_config("ft", tiny_llama, world=False)
+    assert small_ft.layer == 1 and small_ft.lr == profile("ft", "small-real")["lr"]  # depth 1/6 of 6 layers
+    assert editor_config("ft", _meta_llama(30, 64, 128), world=False).layer == 5  # SmolLM2's 30 layers
+    assert editor_config("ft", _meta_llama(32, 4096, 11008), world=False).layer == 21  # EasyEdit's layer
+    assert editor_config("lora", tiny_llama, world=False).lr == profile("lora", "small-real")["lr"]
+    with pytest.raises(ValueError, match="cover ft, lora"):
+        editor_config("ike", tiny_llama, world=False)
 
 
 def test_make_editor_gives_world_and_real_models_their_own_settings(world, tiny_tokenizer):
-    from t2edit.jobs import EditingSetup, make_editor
+    from t2edit.jobs import make_editor
+    from t2edit.setup import EditingSetup
 
     tiny_llama = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
     as_world = EditingSetup(world["model"], world["tokenizer"], world["edits"], world["pool"], [], "world",
@@ -415,11 +411,12 @@ def test_make_editor_gives_world_and_real_models_their_own_settings(world, tiny_
     assert (world_ft.config.lr, world_ft.config.layer, world_ft.config.stop_loss) == (1e-2, None, None)
     assert (real_ft.config.lr, real_ft.config.layer, real_ft.config.precision) == (2e-3, 1, "auto")
     assert make_editor("lora", as_world).config == LoRAEditorConfig()
-    assert make_editor("lora", as_real).config.steps == SMALL_REAL.lora["steps"]
+    assert make_editor("lora", as_real).config.steps == profile("lora", "small-real")["steps"]
 
 
 def test_real_model_ft_trains_only_its_named_layer_and_restores_exactly(world, tiny_tokenizer):
-    from t2edit.jobs import EditingSetup, make_editor
+    from t2edit.jobs import make_editor
+    from t2edit.setup import EditingSetup
 
     model = build_tiny_model(tiny_tokenizer, hidden_size=32, num_layers=6)
     record = EditRecord(subject="Foo", prompt="The capital of Foo is", target_new=["Qux"])

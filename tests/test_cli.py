@@ -63,7 +63,8 @@ def test_eval_expert_scores_its_own_edits(world_and_expert, tmp_path):
 def test_eval_routes_an_expert_with_a_named_router(world_and_expert, tmp_path, capsys):
     """--router scope-split scores method svf two-pass behind that router, fitted on training-side prompts: edit
     prompts reach the expert, locality prompts run the unedited model exactly (the expert alone moves them)."""
-    from t2edit.jobs import load_setup, make_editor
+    from t2edit.jobs import make_editor
+    from t2edit.setup import load_setup
 
     world, data, expert = world_and_expert
     assert main(["eval", "--model", world, "--data", data, "--method", "svf-always,svf", "--expert",
@@ -85,15 +86,15 @@ def test_eval_routes_an_expert_with_a_named_router(world_and_expert, tmp_path, c
 
 @pytest.mark.parametrize("named, world, subjects_in_prompts, used", [
     (None, False, True, "scope-split"),  # a real model: the router that recognises subject and relation
-    (None, False, False, None),          # scope-split keys on the subject's span: the expert's own router
-    (None, True, True, None),            # a fact world: the expert's own router, as its tables were measured
-    ("own", False, True, None),
+    (None, False, False, "own"),         # scope-split keys on the subject's span: the expert's own router
+    (None, True, True, "own"),           # a fact world: the expert's own router, as its tables were measured
+    ("own", False, True, "own"),
     ("embedding", True, True, "embedding")])
 def test_two_pass_svf_routes_with_scope_split_on_a_real_model_unless_told_otherwise(
         named, world, subjects_in_prompts, used, monkeypatch):
     from t2edit import jobs
     from t2edit.data.records import EditRecord
-    from t2edit.jobs import EditingSetup
+    from t2edit.setup import EditingSetup
 
     class Chosen(Exception):
         """Raised with the router run_eval hands the SVF editor, so the evaluation stops there."""
@@ -114,8 +115,9 @@ def test_two_pass_svf_routes_with_scope_split_on_a_real_model_unless_told_otherw
 def test_single_mode_runs_the_router_negatives_through_pass_1_once(world_and_expert, monkeypatch):
     """One router fit per record (single mode) on the same negatives: their pass 1 runs at the first fit only, and
     later fits calibrate exactly as a fresh fit does."""
-    from t2edit.adaptation import AdaptiveModel
-    from t2edit.jobs import load_setup, make_editor
+    from t2edit.routing import AdaptiveModel
+    from t2edit.jobs import make_editor
+    from t2edit.setup import load_setup
 
     world, data, expert = world_and_expert
     setup = load_setup(world, data, 0, 4)
@@ -146,7 +148,8 @@ def test_svf_methods_of_one_evaluation_say_whether_their_expert_was_trained_or_r
     (the README's seconds-per-edit line reads this report)."""
     from dataclasses import replace
 
-    from t2edit.jobs import load_setup, make_editor
+    from t2edit.jobs import make_editor
+    from t2edit.setup import load_setup
     from t2edit.training import TrainConfig, apply_preset
 
     world, data, _ = world_and_expert
@@ -217,7 +220,7 @@ def test_infer_routes_a_trained_experts_edit_prompt_and_leaves_another_fact_alon
 def test_infer_without_negatives_on_a_real_model_asks_the_edits_relations_about_their_other_subjects():
     """What scope-split calibrates on when no facts are at hand: each edited subject asked about the other edited
     relation, each relation asked about the other subject and the objects; never an edit itself."""
-    from t2edit.infer import negatives_from_edits
+    from t2edit.leakage import negatives_from_edits
 
     edits = [{"prompt": "The spouse of Piet Zelmere is", "subject": "Piet Zelmere", "target": "Orla Jorwick"},
              {"prompt": "The occupation of Vesna Corwick is", "subject": "Vesna Corwick", "target": "sculptor"}]
@@ -228,14 +231,14 @@ def test_infer_without_negatives_on_a_real_model_asks_the_edits_relations_about_
 
 
 def test_infer_routes_with_scope_split_on_a_real_model_whose_edits_name_their_subjects():
-    from t2edit.infer import default_router
+    from t2edit.routing import default_router
 
     named = [{"prompt": "The spouse of Piet Zelmere is", "subject": "Piet Zelmere", "target": "Orla Jorwick"}]
     assert default_router(named, world=False) == "scope-split"
-    assert default_router(named, world=True) == "embedding"
-    assert default_router([{"prompt": "The spouse of Piet Zelmere is"}], world=False) == "embedding"  # old expert
-    assert default_router([{**named[0], "subject": "Piet"}, {**named[0], "subject": "Orla"}], world=False) \
-        == "embedding"
+    # None: the experts' own routers (`embedding` over K experts, the expert's own for one)
+    assert default_router(named, world=True) is None
+    assert default_router([{"prompt": "The spouse of Piet Zelmere is"}], world=False) is None  # old expert
+    assert default_router([{**named[0], "subject": "Piet"}, {**named[0], "subject": "Orla"}], world=False) is None
 
 
 def test_demo_end_to_end_on_a_tiny_world(tmp_path):
@@ -256,13 +259,15 @@ def test_demo_end_to_end_on_a_tiny_world(tmp_path):
 
 def test_vllm_colocate_is_given_a_directory_for_a_model_named_by_alias(world_and_expert, tmp_path, monkeypatch):
     """vLLM loads a directory or a hub name: a shipped model's short name must reach it as its directory."""
+    import t2edit.jobs
     import t2edit.models
-    import t2edit.rollouts
     from t2edit.jobs import run_training
     from t2edit.training import TrainConfig
 
     world, data, _ = world_and_expert
-    monkeypatch.setattr(t2edit.models, "resolve_model_path", lambda spec: world if spec == "my-shipped" else spec)
+    alias = lambda spec: world if spec == "my-shipped" else spec  # noqa: E731
+    monkeypatch.setattr(t2edit.models, "resolve_model_path", alias)  # what load_model reads
+    monkeypatch.setattr(t2edit.jobs, "resolve_model_path", alias)  # what reaches vLLM
     seen = {}
 
     class Built(Exception):
@@ -272,7 +277,7 @@ def test_vllm_colocate_is_given_a_directory_for_a_model_named_by_alias(world_and
         seen.update(kwargs)
         raise Built
 
-    monkeypatch.setattr(t2edit.rollouts, "make_vllm_rollouts", record)
+    monkeypatch.setattr(t2edit.jobs, "make_vllm_rollouts", record)
     with pytest.raises(Built):
         run_training(TrainConfig(output_dir=str(tmp_path / "svf"), model="my-shipped", data=data, n_edits=2,
                                  steps=1, save_every=0, eval_every=0, progress=False, rollout_backend="vllm",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from t2edit.data.records import EditRecord, Probe
-from t2edit.editing import EditedModel, Editor, NoEdit
+from t2edit.editors.base import EditedModel, Editor, NoEdit
 from t2edit.evaluation import (
     EditorRestoreError,
     EvaluationInputError,

@@ -15,15 +15,18 @@ def _svf(tokenizer, seed=0, noise=0.5):
 
 def test_save_and_load_round_trip(tmp_path, tiny_tokenizer, tiny_texts):
     svf = _svf(tiny_tokenizer)
-    expert = Expert.from_model(svf, info={"name": "capitals", "edits": 2})
+    edits = [{"prompt": "The capital of Foo is", "subject": "Foo", "target": "Bar"}]
+    expert = Expert.from_model(svf, info={"name": "capitals", "edits": edits, "note": "kept"})
     expert.save_pretrained(tmp_path / "e")
     files = sorted(p.name for p in (tmp_path / "e").iterdir())
     assert files == ["expert.safetensors", "expert_config.json"]  # no temp files left behind
     config = json.loads((tmp_path / "e" / CONFIG_NAME).read_text())
     assert config["target_layers"] == svf.layer_names and config["svf_config"]["mask"] == "sigmoid"
-    assert config["base_fingerprint"] == svf.base_fingerprint and config["info"]["edits"] == 2
+    assert config["base_fingerprint"] == svf.base_fingerprint and config["info"]["edits"] == edits
+    assert config["info"]["note"] == "kept"  # keys the typed record does not know survive a round trip
 
     loaded = Expert.from_pretrained(tmp_path / "e")
+    assert loaded.info.name == "capitals" and loaded.info.edits == edits and loaded.info.extra == {"note": "kept"}
     other = _svf(tiny_tokenizer, noise=0.0)  # same base weights, neutral z
     loaded.apply_to(other)
     batch = tiny_tokenizer(tiny_texts, return_tensors="pt", padding=True)
@@ -65,5 +68,34 @@ def test_missing_or_damaged_expert_directory(tmp_path, tiny_tokenizer):
         Expert.from_pretrained(tmp_path / "nothing")
     Expert.from_model(_svf(tiny_tokenizer)).save_pretrained(tmp_path / "e")
     (tmp_path / "e" / "expert.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="damaged"):
+        Expert.from_pretrained(tmp_path / "e")
+
+
+def test_an_expert_written_before_edits_held_subjects_still_loads(tmp_path, tiny_tokenizer):
+    """Older experts stored the number of edits under "edits" and their prompts under "edit_prompts"."""
+    Expert.from_model(_svf(tiny_tokenizer)).save_pretrained(tmp_path / "e")
+    path = tmp_path / "e" / CONFIG_NAME
+    config = json.loads(path.read_text())
+    config["info"] = {"name": "old", "edits": 1, "edit_prompts": ["The spouse of Ann is"], "weights": [1.0]}
+    path.write_text(json.dumps(config))
+    info = Expert.from_pretrained(tmp_path / "e").info
+    assert info.edits == [{"prompt": "The spouse of Ann is"}] and info.mix_weights == [1.0]
+
+
+@pytest.mark.parametrize("damage", ["no_svf_config", "no_fingerprint", "bad_edits", "info_not_object"])
+def test_a_damaged_expert_config_is_one_clear_error(tmp_path, tiny_tokenizer, damage):
+    Expert.from_model(_svf(tiny_tokenizer)).save_pretrained(tmp_path / "e")
+    path = tmp_path / "e" / CONFIG_NAME
+    config = json.loads(path.read_text())
+    if damage == "no_svf_config":
+        del config["svf_config"]
+    elif damage == "no_fingerprint":
+        del config["base_fingerprint"]
+    elif damage == "bad_edits":
+        config["info"]["edits"] = ["not an object"]
+    else:
+        config["info"] = [1, 2]
+    path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="damaged"):
         Expert.from_pretrained(tmp_path / "e")

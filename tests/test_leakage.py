@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import t2edit.training
-import t2edit.training.editor
+import t2edit.jobs
+import t2edit.editors.svf
 import t2edit.training.trainer
 from t2edit.data.records import EditRecord, Probe
 from t2edit.data.world import build_world
@@ -73,7 +73,8 @@ def _tiny_run(tmp_path, world_dir, data, name, **overrides):
 
 
 def test_no_scored_prompt_reaches_training_ike_or_the_router_on_the_real_paths(leaky_world, tmp_path, monkeypatch):
-    from t2edit.jobs import load_setup, make_editor, run_training
+    from t2edit.jobs import make_editor, run_training
+    from t2edit.setup import load_setup
 
     world_dir, data = leaky_world
     setup = load_setup(world_dir, data, start=0, n_edits=4, progress=False)
@@ -89,12 +90,12 @@ def test_no_scored_prompt_reaches_training_ike_or_the_router_on_the_real_paths(l
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    real_calibrate = t2edit.training.trainer.calibrate_router
-    monkeypatch.setattr(t2edit.training.trainer, "calibrate_router",
+    real_calibrate = t2edit.training.trainer.calibrate_own_router
+    monkeypatch.setattr(t2edit.training.trainer, "calibrate_own_router",
                         lambda model, tok, keys, neg, *a: negatives.append(list(neg)) or real_calibrate(model, tok,
                                                                                                          keys, neg, *a))
-    monkeypatch.setattr(t2edit.training.editor, "SVFTrainer", RecordingTrainer)  # SVFEditor.edit
-    monkeypatch.setattr(t2edit.training, "SVFTrainer", RecordingTrainer)  # run_training
+    monkeypatch.setattr(t2edit.editors.svf, "SVFTrainer", RecordingTrainer)  # SVFEditor.edit
+    monkeypatch.setattr(t2edit.jobs, "SVFTrainer", RecordingTrainer)  # run_training
 
     editor = make_editor("svf", setup, train_config=_tiny_run(tmp_path, world_dir, data, "editor"))
     editor.edit(setup.model, setup.tokenizer, setup.edits).restore()
@@ -196,7 +197,8 @@ def test_anchor_ranking_counts_how_often_relations_are_asked_together_and_skips_
 
 
 def test_svf_and_svf_always_of_one_evaluation_train_each_edit_set_once(leaky_world, tmp_path, monkeypatch):
-    from t2edit.jobs import load_setup, run_eval
+    from t2edit.jobs import run_eval
+    from t2edit.setup import load_setup
 
     world_dir, data = leaky_world
     setup = load_setup(world_dir, data, start=0, n_edits=2, progress=False)

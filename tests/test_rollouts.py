@@ -19,7 +19,8 @@ from t2edit.rollouts import (ColocateEngine, HFRollouts, ServerEngine, VLLMRollo
                              make_vllm_rollouts, merged_svf_weights, sync_bytes, trim_at_eos)
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
-from t2edit.training import SVFTrainer, TrainConfig, greedy_answers
+from t2edit.rollouts import greedy_answers
+from t2edit.training import SVFTrainer, TrainConfig
 from t2edit.vllm_worker import SVFWorkerExtension, ZReader, ZWriter, decode_z, encode_z, load_into_model_runner
 
 URL = "http://127.0.0.1:8000"

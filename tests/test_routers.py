@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from t2edit.adaptation import AdaptiveModel
+from t2edit.routing import AdaptiveModel
 from t2edit.experts import Expert
-from t2edit.routers import CEMRouter, annotate_expert, get_router
-from t2edit.routing import calibrate_router
+from t2edit.routing import CEMRouter, annotate_expert, get_router
+from t2edit.routing import calibrate_own_router
 from t2edit.data.records import EditRecord
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer
@@ -31,7 +31,7 @@ def adaptive_factory():
     for seed, record in enumerate(EDITS):
         torch.manual_seed(seed)
         svf.set_z({k: 1 + 0.5 * torch.randn_like(v) for k, v in svf.get_z().items()})
-        router = calibrate_router(svf, tokenizer, [record.prompt], NEGATIVES)
+        router = calibrate_own_router(svf, tokenizer, [record.prompt], NEGATIVES)
         expert = Expert.from_model(svf, router=router, info={"name": f"e{seed}"})
         annotate_expert(expert, [record])
         experts.append(expert)
@@ -111,8 +111,7 @@ def test_scope_router_needs_subjects(adaptive_factory):
     make, _ = adaptive_factory
     model = make(get_router("uniform"))
     for expert in model.experts:
-        expert.info.pop("edits")
-        expert.info["edit_prompts"] = ["The spouse of Piet Zelmere is"]
+        expert.info.edits = [{"prompt": "The spouse of Piet Zelmere is"}]  # no subject
     with pytest.raises(ValueError, match="subject"):
         get_router("scope").fit(model, model.tokenizer, NEGATIVES)
 
@@ -151,7 +150,7 @@ def _per_edit_recall(keys, weights, query, mask):
 def test_scope_router_scores_all_edits_at_once_as_each_edit_alone(adaptive_factory):
     """The scores of K edits come from one padded einsum; each must equal that edit's own definition, whatever
     the other edits' token counts (padding adds nothing) and for an edit with no relation tokens at all."""
-    from t2edit.routers import encode
+    from t2edit.routing import encode
 
     make, tokenizer = adaptive_factory
     router = make(get_router("scope")).router
@@ -174,7 +173,7 @@ def test_scope_router_scores_all_edits_at_once_as_each_edit_alone(adaptive_facto
 
 def test_embedding_router_takes_each_experts_nearest_key(adaptive_factory):
     """An expert with several keys: its similarity is the best of its own keys, never another expert's."""
-    from t2edit.routers import encode
+    from t2edit.routing import encode
 
     make, tokenizer = adaptive_factory
     model = make(get_router("uniform"))

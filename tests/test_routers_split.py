@@ -1,7 +1,7 @@
 """The scope-split router: subject and relation calibrated apart, on the tiny world of test_routers."""
 import pytest
 
-from t2edit.routers import ScopeRouter, SplitScopeRouter, encode, get_router
+from t2edit.routing import ScopeRouter, SplitScopeRouter, encode, get_router
 from tests.test_routers import EDITS, NEGATIVES, _route, adaptive_factory  # noqa: F401  (the fixture)
 
 ALIAS, TWO_HOP = "The spouse of Piet L. Zelmere is", "The occupation of the spouse of Piet Zelmere is"
@@ -24,7 +24,7 @@ def test_a_negative_restating_the_edit_caps_scope_but_not_scope_split(adaptive_f
     drop the restating negative, stay below the cap, and still route the two-hop question while leaving the
     edited subject's other relation and the edited relation's other subject alone."""
     make, tokenizer = adaptive_factory
-    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routing import AdaptiveModel
 
     base = make(get_router("uniform"))
     capped = AdaptiveModel(base.svf_model, base.experts, ScopeRouter(), tokenizer, negatives=RESTATING)
@@ -48,7 +48,7 @@ def test_a_negative_naming_the_edited_subject_in_other_tokens_does_not_raise_its
     """"Zelmere," is another token than "Zelmere" (as BPE splits a name at a prompt's start otherwise): the negative
     still names edit 0's subject, so it calibrates the relation, not the subject."""
     make, tokenizer = adaptive_factory
-    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routing import AdaptiveModel
 
     base = make(get_router("uniform"))
     glued = "The capital of Piet Zelmere, is"
@@ -86,10 +86,10 @@ def test_a_prompt_about_one_edits_new_answer_goes_to_no_expert_even_when_that_an
     of Piet Zelmere which is not Orla Jorwick is" asks about edit 0's answer: edit 1's subject and relation are in
     it too, and it still goes to no expert."""
     make, tokenizer = adaptive_factory
-    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routing import AdaptiveModel
 
     base = make(get_router("uniform"))
-    base.experts[1].info["edits"] = [{"prompt": "The spouse of Orla Jorwick is", "subject": "Orla Jorwick",
+    base.experts[1].info.edits = [{"prompt": "The spouse of Orla Jorwick is", "subject": "Orla Jorwick",
                                       "target": "sculptor"}]
     model = AdaptiveModel(base.svf_model, base.experts, SplitScopeRouter(), tokenizer, negatives=NEGATIVES)
     router, prompt = model.router, FORGETFULNESS
@@ -103,7 +103,7 @@ def test_scope_split_target_veto_needs_targets(adaptive_factory):
     make, tokenizer = adaptive_factory
     model = make(get_router("uniform"))
     for expert in model.experts:
-        for edit in expert.info["edits"]:
+        for edit in expert.info.edits:
             edit["target"] = ""
     with pytest.raises(ValueError, match="target"):
         SplitScopeRouter().fit(model, tokenizer, NEGATIVES)
@@ -114,7 +114,7 @@ def test_each_edits_subject_is_calibrated_on_its_own_look_alikes(adaptive_factor
     """A negative about another "Piet" raises edit 0's subject bar (so that Piet no longer routes) and leaves edit
     1's alone (its alias with an added initial still routes)."""
     make, tokenizer = adaptive_factory
-    from t2edit.adaptation import AdaptiveModel
+    from t2edit.routing import AdaptiveModel
 
     base = make(get_router("uniform"))
     look_alike = "The capital of Piet Halholt is"  # shares "Piet" with edit 0's subject, nothing with edit 1's

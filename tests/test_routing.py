@@ -1,10 +1,11 @@
-"""Two-pass inference: the router picks prompts by the unedited model's state; picked rows get the expert."""
+"""Two-pass inference with one expert (K = 1) behind its own router: the router picks prompts by the unedited
+model's state; picked rows get the expert, the others the unedited model."""
 import pytest
 import torch
 
 from t2edit.evaluation.metrics import teacher_forced_predictions
-from t2edit.experts import Expert
-from t2edit.routing import RoutedModel, Router, calibrate_router, encode_prompts
+from t2edit.experts import Expert, OwnRouter
+from t2edit.routing import AdaptiveModel, calibrate_own_router, last_states
 from t2edit.svf import SVFConfig, apply_svf, model_bypassed
 from t2edit.tiny import build_tiny_model
 
@@ -30,11 +31,11 @@ def _logits(model, tokenizer, prompts):
 
 def test_routed_rows_get_the_expert_and_the_others_the_unedited_model(svf, tiny_tokenizer):
     prompts = [EDITED, OTHER]
-    router = Router(keys=torch.nn.functional.normalize(encode_prompts(svf, tiny_tokenizer, [EDITED]), dim=-1),
-                    threshold=0.999)
-    routed = RoutedModel(svf, router)
+    router = OwnRouter(keys=torch.nn.functional.normalize(last_states(svf, tiny_tokenizer, [EDITED]), dim=-1),
+                       threshold=0.999)
+    routed = AdaptiveModel.with_own_router(svf, Expert.from_model(svf, router=router), tiny_tokenizer)
     mixed = _logits(routed, tiny_tokenizer, prompts)
-    assert routed.last_gate.tolist() == [True, False]
+    assert routed.last_weights[:, 0].bool().tolist() == [True, False]
     edited = _logits(svf, tiny_tokenizer, prompts)
     with model_bypassed(svf):
         unedited = _logits(svf, tiny_tokenizer, prompts)
@@ -45,27 +46,27 @@ def test_routed_rows_get_the_expert_and_the_others_the_unedited_model(svf, tiny_
 
 def test_calibrated_threshold_routes_edit_prompts_and_not_the_negatives(svf, tiny_tokenizer):
     negatives = ["The capital of Foo is", OTHER, "The occupation of Ann is"]
-    router = calibrate_router(svf, tiny_tokenizer, [EDITED], negatives, margin=0.5)
-    closest = router.similarity(encode_prompts(svf, tiny_tokenizer, negatives)).max().item()
+    router = calibrate_own_router(svf, tiny_tokenizer, [EDITED], negatives, margin=0.5)
+    closest = router.similarity(last_states(svf, tiny_tokenizer, negatives)).max().item()
     assert closest < router.threshold == pytest.approx(closest + 0.5 * (1 - closest))
-    assert router.applies(encode_prompts(svf, tiny_tokenizer, [EDITED])).all()
-    assert not router.applies(encode_prompts(svf, tiny_tokenizer, negatives)).any()
+    assert router.applies(last_states(svf, tiny_tokenizer, [EDITED])).all()
+    assert not router.applies(last_states(svf, tiny_tokenizer, negatives)).any()
     # Held-out prompts (never calibrated against) about other subjects or relations are not routed either, though
     # some sit closer to the edit prompt than any negative: the margin, not the calibration set, keeps them out.
     held_out = ["The spouse of Eve is", "The occupation of Eve is", "The capital of Qux is", "The spouse of Carl is",
                 "The capital of Bar is"]
-    similarity = router.similarity(encode_prompts(svf, tiny_tokenizer, held_out))
+    similarity = router.similarity(last_states(svf, tiny_tokenizer, held_out))
     assert similarity.max().item() > closest
-    assert not router.applies(encode_prompts(svf, tiny_tokenizer, held_out)).any(), similarity.tolist()
+    assert not router.applies(last_states(svf, tiny_tokenizer, held_out)).any(), similarity.tolist()
     with pytest.raises(ValueError, match="route_margin"):
-        calibrate_router(svf, tiny_tokenizer, [EDITED], negatives, margin=1.5)
+        calibrate_own_router(svf, tiny_tokenizer, [EDITED], negatives, margin=1.5)
 
 
 def test_teacher_forced_scoring_routes_on_the_prompt_alone(svf, tiny_tokenizer):
     """The evaluation feeds prompt + answer; the router must decide from the prompt's last token, not the answer."""
-    router = Router(keys=torch.nn.functional.normalize(encode_prompts(svf, tiny_tokenizer, [EDITED]), dim=-1),
-                    threshold=0.999)
-    routed = RoutedModel(svf, router)
+    router = OwnRouter(keys=torch.nn.functional.normalize(last_states(svf, tiny_tokenizer, [EDITED]), dim=-1),
+                       threshold=0.999)
+    routed = AdaptiveModel.with_own_router(svf, Expert.from_model(svf, router=router), tiny_tokenizer)
     prompts, targets = [EDITED, OTHER], ["Bob Smith", "Qux"]
     got = teacher_forced_predictions(routed, tiny_tokenizer, prompts, targets)
     edited = teacher_forced_predictions(svf, tiny_tokenizer, prompts, targets)
@@ -75,9 +76,14 @@ def test_teacher_forced_scoring_routes_on_the_prompt_alone(svf, tiny_tokenizer):
 
 
 def test_router_is_saved_with_the_expert(svf, tiny_tokenizer, tmp_path):
-    router = calibrate_router(svf, tiny_tokenizer, [EDITED, OTHER], ["The capital of Foo is"])
+    router = calibrate_own_router(svf, tiny_tokenizer, [EDITED, OTHER], ["The capital of Foo is"])
     Expert.from_model(svf, router=router).save_pretrained(tmp_path / "e")
     loaded = Expert.from_pretrained(tmp_path / "e").router
     assert loaded.threshold == pytest.approx(router.threshold) and torch.equal(loaded.keys, router.keys)
     Expert.from_model(svf).save_pretrained(tmp_path / "plain")
     assert Expert.from_pretrained(tmp_path / "plain").router is None
+
+
+def test_one_expert_without_a_router_of_its_own_is_refused(svf, tiny_tokenizer):
+    with pytest.raises(ValueError, match="no router of its own"):
+        AdaptiveModel.with_own_router(svf, Expert.from_model(svf), tiny_tokenizer)

@@ -1,12 +1,13 @@
-"""Every script under scripts/ must at least import against the current package: a renamed helper in t2edit
-otherwise breaks a reproduce command without any test noticing (gpu_smoke.py did once)."""
+"""Every script under scripts/, benchmarks/ and tools/ must at least import against the current package: a renamed
+helper in t2edit otherwise breaks a reproduce command without any test noticing."""
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "scripts").glob("*.py"))
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p for folder in ("scripts", "benchmarks", "tools") for p in (REPO / folder).glob("*.py"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
@@ -21,7 +22,7 @@ def test_script_imports(script, monkeypatch):
 
 def test_sync_bench_refuses_a_model_directory_without_a_config(tmp_path, capsys):
     """`bench_vllm_sync.py --model DIR` stops before starting any vLLM engine when DIR holds no checkpoint."""
-    namespace = runpy.run_path(str(SCRIPTS[0].parent / "bench_vllm_sync.py"), run_name="imported_by_test")
+    namespace = runpy.run_path(str(REPO / "benchmarks" / "bench_vllm_sync.py"), run_name="imported_by_test")
     with pytest.raises(SystemExit):
         namespace["main"](["--model", str(tmp_path), "--modes", "server"])
     assert f"--model {tmp_path}: not a model directory (no config.json)" in capsys.readouterr().err
@@ -34,7 +35,7 @@ def test_sync_bench_payload_mode_times_one_float_per_singular_value_at_every_lla
 
     from t2edit.rollouts import LLAMA_SHAPES, llama_svf_layers, sync_bytes
 
-    namespace = runpy.run_path(str(SCRIPTS[0].parent / "bench_vllm_sync.py"), run_name="imported_by_test")
+    namespace = runpy.run_path(str(REPO / "benchmarks" / "bench_vllm_sync.py"), run_name="imported_by_test")
     out = tmp_path / "payload.json"
     namespace["main"](["--modes", "payload", "--targets", "mlp", "--json", str(out)])
     rows = json.loads(out.read_text())["payload"]

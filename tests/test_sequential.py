@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from t2edit.data.world import build_world
-from t2edit.evaluation.composition import run_sequential, split_records, trained_experts
+from t2edit.evaluation.composition import run_sequential, split_records
+from t2edit.training import trained_experts
 from t2edit.experts import Expert
-from t2edit.jobs import load_setup
+from t2edit.setup import load_setup
 from t2edit.svf import apply_svf
 from tests.test_world import NO_TRAINING, hand_made_records, write_records
 
@@ -68,7 +69,7 @@ def test_experts_trained_in_worker_processes_fit_the_main_model(world_dir, tmp_p
         for k, chunk in enumerate(chunks):
             expert = Expert.from_pretrained(tmp_path / f"expert-{k:04d}" / "expert")
             expert.check_compatible(svf)  # same base fingerprint and layers as this process's model
-            assert expert.info["edits"][0]["prompt"] == chunk[0].prompt  # each worker trained its own chunk
+            assert expert.info.edits[0]["prompt"] == chunk[0].prompt  # each worker trained its own chunk
     finally:
         svf.unload()
 
@@ -90,13 +91,13 @@ def test_weight_fingerprint_is_the_same_on_the_gpu_and_on_the_cpu():
     assert weight_fingerprint(weight.cuda()) == on_cpu
 
 
-@pytest.mark.parametrize("is_world, preset", [(True, "world"), (False, "llm")])
-def test_experts_of_many_train_with_the_edited_models_preset(world_dir, tmp_path, monkeypatch, is_world, preset):
+@pytest.mark.parametrize("is_world, preset_name", [(True, "world"), (False, "llm")])
+def test_experts_of_many_train_with_the_edited_models_preset(world_dir, tmp_path, monkeypatch, is_world,
+                                                             preset_name):
     """Composition and sequential experts train with the settings `t2edit eval` uses for that model: the world
     preset on a fact world, the llm preset on a pretrained model (its learning rate, KL, sampling)."""
-    import t2edit.training
-    from t2edit.evaluation.composition import train_one_expert
-    from t2edit.training import PRESETS
+    import t2edit.training.fanout
+    from t2edit.training import preset, train_one_expert
 
     setup = load_setup(*world_dir, start=0, n_edits=2, progress=False)
     if not is_world:
@@ -110,11 +111,11 @@ def test_experts_of_many_train_with_the_edited_models_preset(world_dir, tmp_path
         seen.append(config)
         raise Stop
 
-    monkeypatch.setattr(t2edit.training, "SVFTrainer", capture)
+    monkeypatch.setattr(t2edit.training.fanout, "SVFTrainer", capture)
     with pytest.raises(Stop):
         train_one_expert(setup, setup.edits[:1], tmp_path / "run", setup.edits)
     # (steps, neighbours and logging are set per expert size; the rest comes from the preset)
     keys = ("learning_rate", "kl_coef", "top_k", "sample_neighbours", "baseline", "group_size", "rewards")
-    expected = {k: PRESETS[preset].get(k, getattr(t2edit.training.TrainConfig(), k)) for k in keys}
+    expected = {k: preset(preset_name).get(k, getattr(t2edit.training.TrainConfig(), k)) for k in keys}
     assert {k: getattr(seen[0], k) for k in keys} == expected
-    assert preset == "world" or expected != {k: getattr(t2edit.training.TrainConfig(), k) for k in keys}
+    assert preset_name == "world" or expected != {k: getattr(t2edit.training.TrainConfig(), k) for k in keys}

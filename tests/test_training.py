@@ -14,7 +14,8 @@ from t2edit.data.records import EditRecord, Probe
 from t2edit.svf import apply_svf
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer, teach_facts
 from t2edit.leakage import learning_pool
-from t2edit.training import SVFTrainer, TrainConfig, group_advantages, model_bypassed, parse_train_config
+from t2edit.svf import model_bypassed
+from t2edit.training import SVFTrainer, TrainConfig, group_advantages, parse_train_config
 
 FACTS = {
     "The city of Ann is": "Rome", "The city of Bob is": "Oslo", "The city of Cy is": "Lima",
@@ -89,16 +90,16 @@ def test_trainer_learns_unsampled_targets_and_its_router_leaves_held_out_prompts
     assert rows[-1]["edit_success_greedy"] == 1.0
     assert (tmp_path / "run" / "reward_curve.png").stat().st_size > 1000
     assert (tmp_path / "run" / "expert" / "expert.safetensors").exists()
-    assert [e["prompt"] for e in expert.info["edits"]] == [r.prompt for r in edits] and \
-        all(e["subject"] for e in expert.info["edits"])
+    assert [e["prompt"] for e in expert.info.edits] == [r.prompt for r in edits] and \
+        all(e["subject"] for e in expert.info.edits)
     # The two-pass router picks the edit prompts, and none of the prompts the evaluation scores for locality: held
     # out from its calibration (the guard keeps them out), so this checks that the threshold generalises.
-    from t2edit.routing import encode_prompts
+    from t2edit.routing import last_states
 
     held_out = [p.prompt for e in edits for probes in e.locality.values() for p in probes] + ["The pet of Ann is"]
     assert not set(held_out) & (set(pool) | {"The pet of Bob is"})
-    assert expert.router.applies(encode_prompts(svf, tokenizer, [e.prompt for e in edits])).all()
-    routed = expert.router.applies(encode_prompts(svf, tokenizer, held_out))
+    assert expert.router.applies(last_states(svf, tokenizer, [e.prompt for e in edits])).all()
+    routed = expert.router.applies(last_states(svf, tokenizer, held_out))
     assert not routed.any(), [p for p, r in zip(held_out, routed) if r]
 
 
@@ -266,16 +267,30 @@ def test_shared_prompt_scoring_equals_one_forward_per_row(tiny_tokenizer, arch):
     assert torch.allclose(shared[2], plain[2], atol=1e-4, rtol=1e-3)
 
 
-def test_llm_preset_fills_what_the_user_did_not_set_and_the_yaml_spells_it_out(tmp_path):
-    import yaml
-
-    from t2edit.training import PRESETS, apply_preset, parse_train_config, preset_name
+def test_llm_preset_fills_what_the_user_did_not_set(tmp_path):
+    from t2edit.training import apply_preset, parse_train_config, preset, preset_name
 
     assert preset_name(None) == "world" and preset_name("smollm2-135m") == "llm"
     config = parse_train_config(["--model", "smollm2-135m", "--learning_rate", "0.3", "--output_dir", str(tmp_path)])
     assert config.learning_rate == 0.3  # given on the command line: kept
-    assert config.top_k == PRESETS["llm"]["top_k"] and config.sample_neighbours is False  # filled from the preset
+    assert config.top_k == preset("llm")["top_k"] == 50 and config.sample_neighbours is False  # from the preset
     world = apply_preset(TrainConfig())
     assert world.learning_rate == TrainConfig().learning_rate and world.sample_neighbours == TrainConfig().sample_neighbours
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "smollm2-135m.yaml").read_text())
-    assert {k: shipped[k] for k in PRESETS["llm"]} == PRESETS["llm"]
+    # A YAML value wins over the preset as a command-line one does.
+    run = tmp_path / "run.yaml"
+    run.write_text("model: smollm2-135m\nkl_coef: 3.5\n")
+    from_yaml = parse_train_config(["--config", str(run), "--output_dir", str(tmp_path)])
+    assert from_yaml.kl_coef == 3.5 and from_yaml.learning_rate == preset("llm")["learning_rate"]
+
+
+def test_a_config_with_an_unknown_or_broken_setting_is_one_clear_error(tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="unknown setting.*learning_rat"):
+        parse_train_config(["--config", str(bad_key)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [1,\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_train_config(["--config", str(broken)])
+    with pytest.raises(ValueError, match="--config needs a YAML file"):
+        parse_train_config(["--config"])

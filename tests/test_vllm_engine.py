@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 from t2edit.rollouts import ColocateEngine, VLLMRollouts, start_colocated_engine  # noqa: E402
 from t2edit.svf import SVFConfig, apply_svf  # noqa: E402
 from t2edit.tiny import build_tiny_model  # noqa: E402
-from t2edit.training import greedy_answers  # noqa: E402
+from t2edit.rollouts import greedy_answers  # noqa: E402
 
 
 def test_a_real_colocated_engine_answers_as_the_policy_after_each_sync_path(tiny_tokenizer, tiny_texts, tmp_path,

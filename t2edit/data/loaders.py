@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from t2edit.files import atomic_write
 
 from .records import EditRecord, Probe
 
@@ -420,12 +421,4 @@ def save_records(records: list[EditRecord], path: str | os.PathLike) -> Path:
         text = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects)
     else:
         text = json.dumps(objects, ensure_ascii=False, indent=2) + "\n"
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
-            temp_file.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, text)

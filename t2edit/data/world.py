@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from t2edit.data.loaders import load_records, save_records
 from t2edit.data.records import EditRecord
-from t2edit.text import new_fact_context
+from t2edit.files import cache_dir
+from t2edit.text import copy_demo, new_fact_context
 from t2edit.tiny import build_tiny_model, build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -237,11 +238,6 @@ class Example:
         return f"{self.prefix} {self.answer}"
 
 
-def ike_demo(prompt: str, target: str) -> str:
-    """An IKE copy demonstration, as t2edit.baselines.ike writes it."""
-    return new_fact_context(prompt, target) + prompt + " " + target + "\n\n"
-
-
 class InContextSampler:
     """Draws in-context examples over a fact set: copies (the question asks exactly what the context states,
     possibly through an alias of its subject) and hard negatives (same relation, another subject; or same
@@ -286,7 +282,7 @@ class InContextSampler:
             fact = self.rng.choice(self.facts)
             new_object = self._new_object(fact, [fact.prompt])
             if new_object is not None:
-                demo = ike_demo(fact.prompt, new_object)
+                demo = copy_demo(fact.prompt, new_object)
                 restated = len(text) + len(new_fact_context(fact.prompt, new_object))
                 spans.append((restated, restated + len(fact.prompt) + 1 + len(new_object)))
                 text += demo
@@ -355,7 +351,7 @@ def training_texts(records: list[EditRecord], config: WorldConfig | None = None,
 def vocabulary_texts(records: list[EditRecord], fact_set: FactSet) -> list[str]:
     """Every string the world's tokenizer must spell: all prompts and answers of the records (also those only
     the evaluation uses), the synthetic facts and the in-context templates."""
-    texts = [new_fact_context("x", "y") + ike_demo("x", "y")]
+    texts = [new_fact_context("x", "y") + copy_demo("x", "y")]
     for record in records:
         texts += [record.prompt, record.subject, *record.target_new, *record.ground_truth]
         for probe in record.rephrase + [p for ps in [*record.locality.values(), *record.portability.values()]
@@ -564,7 +560,7 @@ def in_context_rates(model, tokenizer, records: list[EditRecord], fact_set: Fact
     for record in records:
         context = new_fact_context(record.prompt, record.target)
         others = [r for r in records if r is not record]
-        demos = "".join(ike_demo(r.prompt, r.target) for r in rng.sample(others, min(n_demos, len(others))))
+        demos = "".join(copy_demo(r.prompt, r.target) for r in rng.sample(others, min(n_demos, len(others))))
         same_relation = [r for r in by_relation[_relation(record.prompt, record.subject)] if r is not record]
         other = rng.choice(same_relation or others) if others else None
         for prefix, suffix in (("", ""), (demos, "_with_demos")):
@@ -610,7 +606,7 @@ def world_key(data_sha256: str, config: WorldConfig, seed: int, limit: int | Non
 
 
 def default_world_dir(key: str) -> Path:
-    return Path(os.environ.get("T2EDIT_CACHE", Path.home() / ".cache" / "t2edit")) / "worlds" / key
+    return cache_dir("worlds", key)
 
 
 def load_world(out_dir: str | os.PathLike) -> World:
@@ -746,46 +742,3 @@ def format_report(report: dict) -> str:
     if report.get("facts_dropped"):
         lines.append(f"facts not taught: {report['facts_dropped']}")
     return "\n".join(lines)
-
-
-def world_cli(argv: list[str] | None = None) -> int:
-    """`t2edit world build --data FILE --out DIR [--limit N] [--force]` and `t2edit world show DIR`."""
-    import argparse
-    import sys
-
-    from t2edit.data.loaders import DataFormatError, DataSourceNotFoundError
-
-    parser = argparse.ArgumentParser(prog="t2edit world", description="Build or inspect a tiny fact world.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="pretrain a world model on the facts of a KnowEdit-format file")
-    build.add_argument("--data", default=BUILTIN, help="KnowEdit-format JSON file, or 'builtin' (default)")
-    build.add_argument("--out", default=None, help="output directory (default: ~/.cache/t2edit/worlds/<key>)")
-    build.add_argument("--limit", type=int, default=None, help="use only the first N records")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", choices=["default", "tiny"], default="default",
-                       help="WorldConfig preset; 'tiny' is for tests and 10-20 records")
-    build.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    build.add_argument("--force", action="store_true", help="rebuild even if out holds this world")
-    build.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
-    build.add_argument("--device", default=None, help="where to pretrain: cpu (default) or cuda")
-    build.add_argument("--quiet", action="store_true", help="no progress bar")
-    show = commands.add_parser("show", help="print the report of a built world")
-    show.add_argument("dir")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "show":
-            report = load_world(args.dir).report
-        else:
-            config = WorldConfig.tiny() if args.preset == "tiny" else WorldConfig()
-            if args.steps is not None:
-                config.steps = args.steps
-            world = build_world(args.data, args.out, limit=args.limit, config=config, seed=args.seed,
-                                progress=not args.quiet, force=args.force, skip_bad=args.skip_bad,
-                                device=args.device)
-            report = world.report
-            print(f"saved to {world.path}")
-    except (WorldError, WorldNotFoundError, DataFormatError, DataSourceNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    return 0

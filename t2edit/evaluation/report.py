@@ -4,10 +4,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
+from t2edit.files import atomic_write
 from t2edit.evaluation.runner import AGGREGATION, FLUENCY_NOTE, MethodResult
 
 
@@ -66,17 +66,6 @@ def _notes(results: Sequence[MethodResult]) -> list[str]:
     ]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -104,35 +93,6 @@ def _bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
 
 
 # (label, xs, ys, matplotlib format such as "o-"); a None in ys leaves a gap.
-Curve = tuple[str, Sequence[float], Sequence[float | None], str]
-
-
-def plot_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.PathLike, *, xlabel: str,
-                ylabel: str, ylim: tuple[float, float] | None = None, panel_width: float = 5.5,
-                dpi: int = 120) -> Path:
-    """Line plots, one panel per (title, curves) side by side, saved as one PNG at `path` (atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(panel_width * len(panels), 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for axis, (title, curves) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, xs, ys, style in curves:
-            axis.plot(list(xs), [float("nan") if y is None else y for y in ys], style, label=label)
-        axis.set_title(title)
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel(ylabel)
-        if ylim is not None:
-            axis.set_ylim(*ylim)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    path = Path(path)
-    _atomic_write(path, buffer.getvalue())
-    return path
-
-
 def write_results(results: Sequence[MethodResult], out_dir: str | os.PathLike,
                   title: str = "Knowledge editing results") -> dict[str, Path]:
     """Write results.json, results.md and results.png into `out_dir` (created if needed); returns their paths."""
@@ -142,11 +102,11 @@ def write_results(results: Sequence[MethodResult], out_dir: str | os.PathLike,
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     payload = {"title": title, "aggregation": AGGREGATION, "fluency_scale": FLUENCY_NOTE,
                "methods": [r.to_dict() for r in results]}
-    _atomic_write(paths["json"], (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(paths["json"], (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode())
     sections = [f"# {title}", format_table(results), "\n".join(_notes(results))]
     by_kind = _portability_by_kind_table(results)
     if by_kind:
         sections += ["## Portability by kind", by_kind]
-    _atomic_write(paths["md"], ("\n\n".join(sections) + "\n").encode())
-    _atomic_write(paths["png"], _bar_plot(results, title))
+    atomic_write(paths["md"], ("\n\n".join(sections) + "\n").encode())
+    atomic_write(paths["png"], _bar_plot(results, title))
     return paths

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from t2edit.data.records import EditRecord
-from t2edit.editing import EditedModel, Editor
+from t2edit.editors.base import EditedModel, Editor
 from t2edit.evaluation import metrics as M
 from t2edit.text import answer_matches
 

@@ -1,94 +1,126 @@
-"""The training run's settings: one dataclass, read from YAML and the command line (TRL's parser)."""
+"""The training run's settings: one dataclass, read from YAML and the command line (TRL's parser).
+
+Defaults are the "world" preset (t2edit's tiny fact-world models). A pretrained model gets the "llm" preset for every
+setting the run does not give (configs/presets/llm.yaml); YAML and command-line values always win.
+"""
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from t2edit.files import CONFIGS_DIR, read_yaml
 from t2edit.svf import SVFConfig
+
+
+def _doc(text: str) -> dict:
+    return {"help": text}
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; parsed from YAML + command line by scripts/train_rl.py."""
+    """Everything one training run needs; parsed from YAML + command line by `t2edit train` / scripts/train_rl.py.
+    Each field: type, default, and why it is there (`--help` prints the same)."""
 
-    # what to edit
-    data: str = field(default="builtin", metadata={"help": "KnowEdit/CounterFact/ZsRE file, hub name, or 'builtin'"})
-    model: str | None = field(default=None, metadata={"help": "HF model name/path; default: the world model of `data`"})
-    world_preset: str = field(default="default", metadata={"help": "fact-world size when model is unset: default | tiny"})
-    start: int = field(default=0, metadata={"help": "index of the first edited record"})
-    n_edits: int = field(default=50, metadata={"help": "number of records edited into one expert"})
-    output_dir: str = field(default="runs/expert", metadata={"help": "expert, checkpoints, metrics, plots"})
-    # SVF (Transformer² defaults)
-    # SVF. Transformer² uses mask "sigmoid", norm_preserving, z_init 0.1; on fact worlds the identity mask learns
-    # edits several times faster (measured: README), so it is the default; configs/knowedit_llama3.2-1b.yaml
-    # keeps Transformer²'s.
-    target_modules: str = "mlp"
-    mask: str = "identity"
-    max_mult: float = 1.0
-    norm_preserving: bool = False
-    z_init: float = 1.0
-    # optimisation (Transformer²: Adam, lr 2e-3, grad-norm clip 1e-3; a tiny world needs the larger step)
-    learning_rate: float = 0.2
-    max_grad_norm: float = 1e-3
-    steps: int = 250
-    lr_scheduler_type: str = field(default="cosine", metadata={
-        "help": "transformers scheduler name: cosine | linear | constant | ... (decays to 0 over `steps`)"})
-    warmup_steps: int = 0
-    # REINFORCE
-    group_size: int = field(default=2, metadata={"help": "sampled answers per prompt (plus the guide, if on)"})
-    guided: bool = field(default=True, metadata={"help": "add the rewarded answer to each group (sparse-reward fix)"})
-    baseline: str = field(default="group_mean", metadata={"help": "group_mean | leave_one_out | none"})
-    objective: str = field(default="reinforce", metadata={
-        "help": "reinforce (guided groups, exact-match rewards) | ce (supervised cross-entropy on the target: the "
-                "reference REINFORCE is measured against)"})
-    temperature: float = 1.0
-    top_k: int = field(default=0, metadata={"help": "sample from the k likeliest tokens (0: all)"})
-    top_p: float = 1.0
-    sample_neighbours: bool = field(default=True, metadata={
-        "help": "also sample neighbour prompts and reward keeping the unedited answer (the locality reward); "
-                "false: neighbours are anchored by the KL term on the unedited answer alone (the llm preset)"})
-    stop_at_edit_success: float = field(default=0.0, metadata={
-        "help": "stop once greedy edit success on the edit prompts reaches this (checked every eval_every; 0: off)"})
-    precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 autocast on GPUs and AMX CPUs, else fp32) | bf16 | fp32"})
-    rows_per_chunk: int = field(default=64, metadata={
-        "help": "rollouts scored per forward/backward (gradients accumulate over a step's chunks; bounds memory)"})
-    reference_batch: int = field(default=128, metadata={
-        "help": "neighbours whose unedited answers are generated together, when a step needs new ones"})
-    router_calibration_prompts: int = field(default=512, metadata={
-        "help": "neighbour / anchor prompts sampled to calibrate the router (0: all)"})
-    max_new_tokens: int = field(default=0, metadata={"help": "0: longest answer in tokens + 2"})
-    edits_per_step: int = 50
-    neighbours_per_step: int = field(default=64, metadata={"help": "prompts of other facts per step"})
-    subject_neighbours_per_step: int = field(default=0, metadata={
-        "help": "other relations asked about the edited subjects, trained on per step (0: only calibrate routing)"})
-    kl_coef: float = field(default=10.0, metadata={"help": "weight of KL(unedited ‖ edited) on neighbour prompts"})
-    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0, "locality": 1.0})
-    route_margin: float = field(default=0.5, metadata={
-        "help": "router threshold: this far from the closest neighbour prompt's similarity to 1 (t2edit.routing)"})
-    neighbour_data: str | None = field(default=None, metadata={"help": "extra file of other facts for neighbours"})
-    # bookkeeping
-    seed: int = 0
-    save_every: int = 25
-    eval_every: int = 25
-    resume: bool = False
-    report_to: str = field(default="none", metadata={"help": "none | wandb"})
-    wandb_project: str = "t2edit"
-    rollout_backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
-    vllm_server_url: str = "http://localhost:8000"
-    vllm_mode: str = field(default="server", metadata={
-        "help": "server (vLLM on another GPU, scripts/serve_vllm.sh) | colocate (vLLM inside this process, one GPU)"})
-    vllm_sync: str = field(default="auto", metadata={
-        "help": "auto | z (send only z to the t2edit worker extension) | merged (send W' under HF names)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "colocate mode: vLLM's GPU share"})
-    progress: bool = True
+    # -- what to edit ----------------------------------------------------------------------------------------------
+    data: str = field(default="builtin", metadata=_doc(
+        "KnowEdit / CounterFact / ZsRE file, a hub dataset name, 'builtin' (the fact world's records) or "
+        "'real-facts' (the shipped real facts)"))
+    model: str | None = field(default=None, metadata=_doc(
+        "smollm2-135m (shipped), a transformers directory or hub name, or a world directory; None: the fact world "
+        "of `data`"))
+    world_preset: str = field(default="default", metadata=_doc("fact-world size when model is unset: default | tiny"))
+    start: int = field(default=0, metadata=_doc("index of the first edited record"))
+    n_edits: int = field(default=50, metadata=_doc("number of records edited into one expert"))
+    output_dir: str = field(default="runs/expert", metadata=_doc("expert/, checkpoint.pt, metrics.jsonl, plots"))
+    neighbour_data: str | None = field(default=None, metadata=_doc(
+        "extra file of other facts for neighbour prompts (never the evaluated records)"))
+
+    # -- SVF: which matrices, and how z maps to singular values ------------------------------------------------------
+    target_modules: str = field(default="mlp", metadata=_doc(
+        "mlp | attn | all-linear | name suffixes | re:<regex> (Transformer²: mlp)"))
+    mask: str = field(default="identity", metadata=_doc(
+        "identity (W' = U diag(s·z) Vᵀ) | sigmoid (Transformer²'s sigmoid(z)·max_mult); identity learns edits "
+        "several times faster on fact worlds (docs/training.md)"))
+    max_mult: float = field(default=1.0, metadata=_doc("sigmoid mask: the largest multiplier"))
+    norm_preserving: bool = field(default=False, metadata=_doc(
+        "rescale σ to keep Σs (Transformer²: true)"))
+    z_init: float = field(default=1.0, metadata=_doc(
+        "initial z; 1.0 is the identity mask's neutral point, so the expert starts as the unedited model "
+        "(Transformer²: 0.1 through the sigmoid)"))
+
+    # -- optimisation ------------------------------------------------------------------------------------------------
+    learning_rate: float = field(default=0.2, metadata=_doc(
+        "Adam's step (Transformer²: 2e-3 for 8B models; tiny fact worlds need a larger one)"))
+    max_grad_norm: float = field(default=1e-3, metadata=_doc("gradient-norm clip on z (Transformer²'s)"))
+    steps: int = field(default=250, metadata=_doc("optimizer steps (fewer when stop_at_edit_success is met)"))
+    lr_scheduler_type: str = field(default="cosine", metadata=_doc(
+        "transformers scheduler name: cosine | linear | constant | ... (decays to 0 over `steps`; a decaying rate "
+        "settles z once most edits are learned)"))
+    warmup_steps: int = field(default=0, metadata=_doc("scheduler warm-up steps"))
+    stop_at_edit_success: float = field(default=0.0, metadata=_doc(
+        "stop once greedy edit success on the edit prompts reaches this (checked every eval_every; 0: off)"))
+
+    # -- REINFORCE ---------------------------------------------------------------------------------------------------
+    objective: str = field(default="reinforce", metadata=_doc(
+        "reinforce (guided groups, exact-match rewards) | ce (supervised cross-entropy on the target: the "
+        "reference REINFORCE is measured against)"))
+    group_size: int = field(default=2, metadata=_doc("sampled answers per prompt (plus the guide, if on)"))
+    guided: bool = field(default=True, metadata=_doc(
+        "add the rewarded answer to each group: a counterfactual target is never sampled, so without it an "
+        "exact-match reward gives no gradient"))
+    baseline: str = field(default="group_mean", metadata=_doc("group_mean | leave_one_out | none"))
+    temperature: float = field(default=1.0, metadata=_doc("sampling temperature of the rollouts"))
+    top_k: int = field(default=0, metadata=_doc("sample from the k likeliest tokens (0: all)"))
+    top_p: float = field(default=1.0, metadata=_doc("nucleus sampling (1.0: off)"))
+    rewards: dict = field(default_factory=lambda: {"exact_match": 1.0, "locality": 1.0}, metadata=_doc(
+        "reward plugin name -> weight (rewards/ registry; JSON on the command line)"))
+    max_new_tokens: int = field(default=0, metadata=_doc("rollout length; 0: each edit's longest answer + 2 tokens"))
+    edits_per_step: int = field(default=50, metadata=_doc("edit prompts per step"))
+
+    # -- locality ----------------------------------------------------------------------------------------------------
+    neighbours_per_step: int = field(default=64, metadata=_doc("prompts of other facts per step"))
+    sample_neighbours: bool = field(default=True, metadata=_doc(
+        "also sample neighbour prompts and reward keeping the unedited answer; false: neighbours are anchored by "
+        "the KL term alone (the llm preset)"))
+    subject_neighbours_per_step: int = field(default=0, metadata=_doc(
+        "other relations asked about the edited subjects, trained on per step (0: they only calibrate routing)"))
+    kl_coef: float = field(default=10.0, metadata=_doc("weight of KL(unedited ‖ edited) on neighbour prompts"))
+    route_margin: float = field(default=0.5, metadata=_doc(
+        "the expert's own router: its threshold sits this far from the closest neighbour's similarity to 1"))
+    router_calibration_prompts: int = field(default=512, metadata=_doc(
+        "neighbour / anchor prompts sampled to calibrate the expert's own router (0: all)"))
+
+    # -- cost --------------------------------------------------------------------------------------------------------
+    precision: str = field(default="auto", metadata=_doc(
+        "auto (bf16 autocast on GPUs and AMX CPUs, else fp32) | bf16 | fp32; z and its optimizer stay fp32"))
+    rows_per_chunk: int = field(default=64, metadata=_doc(
+        "rollouts scored per forward/backward (gradients accumulate over a step's chunks; bounds memory)"))
+    reference_batch: int = field(default=128, metadata=_doc(
+        "neighbours whose unedited answers are generated together, when a step needs new ones"))
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata=_doc("data order and sampling"))
+    save_every: int = field(default=25, metadata=_doc("steps between atomic checkpoints (0: none)"))
+    eval_every: int = field(default=25, metadata=_doc("steps between greedy edit-success checks (0: none)"))
+    resume: bool = field(default=False, metadata=_doc("continue from output_dir/checkpoint.pt"))
+    report_to: str = field(default="none", metadata=_doc("none | wandb (offline without a login)"))
+    wandb_project: str = field(default="t2edit", metadata=_doc("Weights & Biases project"))
+    progress: bool = field(default=True, metadata=_doc("progress bars"))
+
+    # -- rollouts from vLLM ------------------------------------------------------------------------------------------
+    rollout_backend: str = field(default="transformers", metadata=_doc("transformers | vllm"))
+    vllm_server_url: str = field(default="http://localhost:8000", metadata=_doc("server mode: scripts/serve_vllm.sh"))
+    vllm_mode: str = field(default="server", metadata=_doc(
+        "server (vLLM on another GPU) | colocate (vLLM inside this process, one GPU)"))
+    vllm_sync: str = field(default="auto", metadata=_doc(
+        "auto | z (send only z to t2edit's worker extension) | merged (send W' under HF names)"))
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_doc("colocate mode: vLLM's GPU share"))
 
     def svf_config(self) -> SVFConfig:
         return SVFConfig(target_modules=self.target_modules, mask=self.mask, max_mult=self.max_mult,
                          norm_preserving=self.norm_preserving, z_init=self.z_init)
-
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
@@ -96,10 +128,16 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    config_file = None
     if "--config" in argv:
-        path = argv[argv.index("--config") + 1]
-        if not Path(path).exists():
-            raise FileNotFoundError(f"config file {path} not found; see configs/ for examples")
+        at = argv.index("--config")
+        if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
+            raise ValueError("--config needs a YAML file, e.g. --config configs/demo.yaml")
+        config_file = argv[at + 1]
+        yaml_keys = set(read_yaml(config_file))  # one clear error for a missing or broken file
+        unknown = sorted(yaml_keys - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"{config_file}: unknown setting(s) {', '.join(unknown)}; see `t2edit train --help`")
     rewards = None
     if "--rewards" in argv:  # a mapping does not fit argparse: take it as JSON
         at = argv.index("--rewards")
@@ -112,26 +150,12 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     if rewards is not None:
         config.rewards = rewards
     explicit = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    if "--config" in argv:
-        import yaml
-
-        explicit |= set(yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {})
+    if config_file is not None:
+        explicit |= yaml_keys
     return apply_preset(config, explicit | ({"rewards"} if rewards is not None else set()))
 
 
-# Settings that depend on what is edited. TrainConfig's own defaults are the "world" preset (tiny fact-world
-# models: a large step, sampled neighbours rewarded for keeping their answer). A pretrained LLM needs a small step,
-# top-k sampling on a real vocabulary, and neighbours anchored by the KL term alone (a temperature-1 sample from 49k
-# tokens almost never equals the unedited answer, so a locality reward is ~0 whatever the policy does).
-# configs/smollm2-135m.yaml spells the "llm" preset out (a test keeps the two equal).
-PRESETS: dict[str, dict] = {
-    "world": {},
-    "llm": {
-        "learning_rate": 0.02, "steps": 40, "lr_scheduler_type": "constant", "group_size": 1, "baseline": "none", "top_k": 50,
-        "sample_neighbours": False, "neighbours_per_step": 16, "kl_coef": 1.0, "eval_every": 5,
-        "stop_at_edit_success": 1.0, "save_every": 10, "rewards": {"exact_match": 1.0},
-    },
-}
+PRESET_NAMES = ("world", "llm")
 
 
 def preset_name(model: str | None) -> str:
@@ -141,10 +165,25 @@ def preset_name(model: str | None) -> str:
     return "llm"
 
 
+def preset(name: str) -> dict:
+    """The settings of a preset, from configs/presets/<name>.yaml, checked against TrainConfig's fields."""
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    path = CONFIGS_DIR / "presets" / f"{name}.yaml"
+    values = read_yaml(path)
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
 def apply_preset(config: TrainConfig, explicit: set[str] = frozenset()) -> TrainConfig:
     """Fill the settings the user did not give (`explicit`: the keys set in YAML or on the command line) from the
     preset of the model being edited."""
-    for key, value in PRESETS[preset_name(config.model)].items():
+    for key, value in preset(preset_name(config.model)).items():
         if key not in explicit:
             setattr(config, key, value)
     return config
+
+
+__all__ = ["PRESET_NAMES", "TrainConfig", "apply_preset", "parse_train_config", "preset", "preset_name"]

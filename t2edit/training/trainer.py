@@ -31,10 +31,12 @@ import torch
 
 from rewards import RewardSet
 from t2edit.data.records import EditRecord
-from t2edit.experts import Expert
+from t2edit.experts import Expert, ExpertInfo
+from t2edit.files import atomic_write
+from t2edit.plots import plot_curves
 from t2edit.precision import autocast_context
-from t2edit.rollouts import HFRollouts
-from t2edit.routing import calibrate_router
+from t2edit.rollouts import HFRollouts, greedy_answers
+from t2edit.routing.embedding import calibrate_own_router
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
@@ -51,14 +53,6 @@ class TrainItem:
     prompt: str
     answers: list[str]
     kind: str  # "edit" | "neighbour"
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int | list[int],
-                   batch_size: int = 128) -> list[str]:
-    """Greedy answers; `max_new_tokens` is one budget or one per prompt."""
-    groups = HFRollouts(model, tokenizer, batch_size=batch_size).sample(prompts, 1, 0.0, max_new_tokens)
-    return [tokenizer.decode(ids[0], skip_special_tokens=True).strip() for ids in groups]
 
 
 class SVFTrainer:
@@ -317,14 +311,12 @@ class SVFTrainer:
                 break
         bar.close()
         # The router's keys are the edit prompts; what it must not route are the prompts trained to stay unchanged.
-        router = calibrate_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
-                                  self.calibration_negatives(), config.route_margin)
-        expert = Expert.from_model(self.model, router=router, info={
-            "name": self.output_dir.name,
-            # the edits with their subjects: the scope / hybrid routers of `t2edit infer` read them
-            "edits": [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in self.edits], "steps": self.step, "data": config.data,
-            "train_config": asdict(config), "edit_prompts": [r.prompt for r in self.edits]},
-            edit_prompts=[r.prompt for r in self.edits],
+        router = calibrate_own_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
+                                      self.calibration_negatives(), config.route_margin)
+        info = ExpertInfo(name=self.output_dir.name, steps=self.step, data=config.data, train_config=asdict(config),
+                          # the edits with their subjects: what the scope routers key on
+                          edits=[{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in self.edits])
+        expert = Expert.from_model(self.model, router=router, info=info, edit_prompts=[r.prompt for r in self.edits],
             learned_prompts=self.neighbour_prompts + self.subject_prompts)  # trained on; calibrated on a sample
         if self.is_main:
             expert.save_pretrained(self.output_dir / "expert")
@@ -340,9 +332,7 @@ class SVFTrainer:
                  "torch_rng": torch.get_rng_state(), "python_rng": list(_jsonable_state(self.rng.getstate())),
                  "edit_order": list(self.edit_order), "neighbour_order": list(self.neighbour_order),
                  "subject_order": list(self.subject_order)}
-        tmp = self.output_dir / f".{CHECKPOINT_NAME}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, self.output_dir / CHECKPOINT_NAME)  # atomic: a kill leaves the old or the new one
+        atomic_write(self.output_dir / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self):
         path = self.output_dir / CHECKPOINT_NAME
@@ -400,8 +390,6 @@ def _start_wandb(config: TrainConfig):
 
 
 def plot_reward_curves(metrics_path: Path, out_path: Path):
-    from t2edit.evaluation.report import plot_curves
-
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
     if not rows:
         return

@@ -1,0 +1,135 @@
+"""Many experts from one edited set: one expert per chunk of edits, each trained alone in its own directory
+(adding an expert never retrains or rewrites another), in this process or in worker processes.
+
+What each expert learns from follows the no-leakage rule for the whole edited set (`t2edit.leakage.training_pools`).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from t2edit.data.records import EditRecord
+from t2edit.experts import CONFIG_NAME
+from t2edit.leakage import training_pools
+from t2edit.routing import annotate_expert
+from t2edit.setup import load_setup
+from t2edit.svf import apply_svf
+from t2edit.training.config import TrainConfig, apply_preset
+from t2edit.training.trainer import SVFTrainer
+
+
+def steps_for(n_edits: int, base_steps: int) -> int:
+    """Fewer steps for small experts: on the built-in world a single edit is learned in about 30 steps."""
+    return max(30, min(base_steps, 30 + 2 * n_edits))
+
+
+def expert_run_dir(out_dir, k: int) -> Path:
+    return Path(out_dir) / f"expert-{k:04d}"
+
+
+def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, edited: Sequence[EditRecord],
+                     base_config=None) -> Path:
+    """Train the expert of one chunk into run_dir/expert, unless it is already there (adding an expert never
+    retrains or rewrites another). Returns the expert directory."""
+    # The settings of the model being edited, as `t2edit eval` uses them: the world preset for fact worlds, the
+    # llm preset for a pretrained model.
+    base = base_config or apply_preset(TrainConfig(
+        model=None if setup.world_report is not None else setup.model_name))
+    expert_dir = Path(run_dir) / "expert"
+    if (expert_dir / CONFIG_NAME).exists():
+        return expert_dir
+    config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
+                     steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
+                     # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
+                     # the edit (measured: a single edit was not learned at all in 100 steps).
+                     neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
+    pool, subject = training_pools(setup, edited, chunk)
+    svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
+    try:
+        expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject).train()
+        annotate_expert(expert, chunk)
+        expert.save_pretrained(expert_dir)
+    finally:
+        svf_model.unload()
+    return expert_dir
+
+
+def trained_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
+                    base_config=None, progress: bool = True, workers: int = 1):
+    """Train one expert per chunk (in out_dir/expert-NNNN/expert, skipping those already on disk) and yield k as
+    soon as experts 0..k are all on disk, so a caller can score the first k while later ones train.
+
+    `workers` > 1 trains in that many CPU processes of one thread each (`setup.spec` says how each reloads the
+    setup): a single-edit expert of a fact world is a few hundred tiny, latency-bound steps that one core runs
+    about as fast as a GPU. Each expert is trained alone either way, so the result does not depend on `workers`."""
+    todo = [k for k in range(len(chunks)) if not (expert_run_dir(out_dir, k) / "expert" / CONFIG_NAME).exists()]
+    bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts",
+               disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for k, chunk in enumerate(chunks):
+            if k in todo:
+                train_one_expert(setup, chunk, expert_run_dir(out_dir, k), edited, base_config)
+                bar.update(1)
+            yield k
+        bar.close()
+        return
+    if getattr(setup, "spec", None) is None:
+        raise ValueError("training experts in worker processes needs a setup from t2edit.setup.load_setup (its "
+                         "spec says how each worker reloads it); pass workers=1")
+    # Decompose the target matrices once, here, into the shared SVD cache: every process then reads the same
+    # factors (each expert's z scales these singular vectors, so all processes must agree on them).
+    svf_config = (base_config or TrainConfig()).svf_config()
+    if svf_config.svd_cache_dir == "":
+        raise ValueError("training experts in worker processes needs the SVD cache (svd_cache_dir not ''), so that "
+                         "every process uses the same singular vectors; pass workers=1")
+    apply_svf(setup.model, svf_config, progress=False).unload()
+    position = {id(r): i for i, r in enumerate(setup.edits)}
+    tasks = [(k, [position[id(r)] for r in chunks[k]]) for k in todo]
+    done = set(range(len(chunks))) - set(todo)
+    next_k = 0
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    with context.Pool(min(workers, len(todo)), initializer=_worker_start,
+                      initargs=(setup.spec, str(out_dir), [position[id(r)] for r in edited], base_config)) as pool:
+        for k, _seconds in pool.imap(_worker_train, tasks):
+            done.add(k)
+            bar.update(1)
+            while next_k in done:
+                yield next_k
+                next_k += 1
+    bar.close()
+    yield from range(next_k, len(chunks))
+
+
+_WORKER: dict = {}
+
+
+def _worker_start(spec: dict, out_dir: str, edited: list[int], base_config):
+    torch.set_num_threads(1)
+    setup = load_setup(**{**spec, "progress": False})
+    _WORKER.update(setup=setup, out_dir=out_dir, edited=[setup.edits[i] for i in edited], base=base_config)
+
+
+def _worker_train(task: tuple[int, list[int]]) -> tuple[int, float]:
+    k, positions = task
+    started = time.perf_counter()
+    setup = _WORKER["setup"]
+    train_one_expert(setup, [setup.edits[i] for i in positions], expert_run_dir(_WORKER["out_dir"], k),
+                     _WORKER["edited"], _WORKER["base"])
+    return k, time.perf_counter() - started
+
+
+def train_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, edited: Sequence[EditRecord],
+                  base_config=None, progress: bool = True, workers: int = 1) -> list[Path]:
+    """Train one expert per chunk (see `trained_experts`); returns the expert directories."""
+    for _ in trained_experts(setup, chunks, out_dir, edited, base_config, progress, workers):
+        pass
+    return [expert_run_dir(out_dir, k) / "expert" for k in range(len(chunks))]
+
+
+__all__ = ["expert_run_dir", "steps_for", "train_experts", "train_one_expert", "trained_experts"]
