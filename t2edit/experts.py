@@ -74,7 +74,7 @@ class ExpertInfo:
                              f"or restore the expert")
         raw = dict(raw or {})
         edits = raw.pop("edits", [])
-        prompts = raw.pop("edit_prompts", None)  # experts written before edits held their subjects
+        prompts = raw.pop("edit_prompts", None)  # a config listing edit prompts only (no subjects)
         if not isinstance(edits, list):
             edits = [{"prompt": p} for p in (prompts or [])]
         if not all(isinstance(e, dict) and isinstance(e.get("prompt"), str) for e in edits):

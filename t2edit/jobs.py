@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from t2edit.data.loaders import load_records
-from t2edit.editors import get_editor
+from t2edit.editors import METHODS, get_editor
 from t2edit.editors.settings import editor_config
 from t2edit.evaluation import evaluate_editor, format_table, write_results
 from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
@@ -29,7 +29,7 @@ from t2edit.svf import apply_svf
 from t2edit.training import SVFTrainer, TrainConfig, apply_preset
 
 log = logging.getLogger("t2edit")
-DEMO_METHODS = ("none", "svf", "svf-always", "lora", "ft", "ike", "prompt")
+DEMO_METHODS = tuple(METHODS)  # every method of the registry, in its order
 
 
 def train_config_for(setup: EditingSetup, **overrides) -> TrainConfig:
@@ -182,8 +182,8 @@ def run_demo(out_dir: str = "runs/demo", n_edits: int | None = None, steps: int 
     log.info("3/3 evaluating SVF next to the unedited model and the other methods")
     title = (f"{setup.model_name}: {len(setup.edits)} real-fact edits in one batch" if real
              else f"Built-in fact world, {len(setup.edits)} edits in one batch")
-    # Fluency (100 sampled tokens per prompt and method) is what would push the real-model demo past 10 minutes on
-    # 2 cores; `t2edit eval` reports it.
+    # Fluency (100 sampled tokens per prompt and method) would dominate the real-model demo's time on a CPU;
+    # `t2edit eval` reports it.
     results = run_eval(setup, list(methods), out_dir, expert_dir=expert_dir, mode="batch", progress=progress,
                        title=title, fluency=not real)
     log.info("demo finished in %.0f s", time.time() - started)

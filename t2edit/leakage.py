@@ -179,7 +179,7 @@ def router_negatives(setup, edited: Sequence[EditRecord]) -> list[str]:
     relations (training-side prompts only)."""
     pool, subject = training_pools(setup, edited, edited)
     blocked = scored_prompt_keys(list(edited)) | {prompt_key(p) for p in pool + subject}
-    # Template questions only calibrate routers: as training neighbours they drowned single edits (measured).
+    # Template questions only calibrate routers: as training neighbours they drown single edits.
     return pool + subject + template_prompts(list(edited) + list(setup.other_records), blocked)
 
 

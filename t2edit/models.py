@@ -68,8 +68,9 @@ def _file_hash(path: Path) -> str:
 
 def materialize_shipped(name: str, cache_dir: str | Path | None = None) -> Path:
     """A plain transformers directory (float32 safetensors + tokenizer) for a shipped model; built once from the
-    GGUF (about 20 s) and reused while the GGUF file's hash stays the same. The write is atomic: a directory is
-    renamed into place only when complete, so a killed first run leaves no half-written model behind."""
+    GGUF (the slow part of a first use) and reused while the GGUF file's hash stays the same. The write is atomic:
+    a directory is renamed into place only when complete, so a killed first run leaves no half-written model
+    behind."""
     gguf = shipped_gguf_path(name)
     target = Path(cache_dir or t2edit_cache()) / "models" / f"{name}-{_file_hash(gguf)}"
     if (target / "config.json").exists():
@@ -116,8 +117,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
 
     path = resolve_model_path(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # On CPUs PyTorch's fused SDPA backward is slow for short sequences: eager attention halved the backward of a
-    # 66-prompt SmolLM2 training step (3.1 s -> 1.8 s, bf16, 2 cores). GPUs keep the library's default.
+    # Eager attention on CPUs: PyTorch's fused SDPA backward is slower for the short sequences of a training step.
+    # GPUs keep the library's default.
     attention = {"attn_implementation": "eager"} if device == "cpu" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

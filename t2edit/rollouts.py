@@ -92,7 +92,7 @@ class TruncatedSampler:
     """A transformers logits processor that draws the next token itself (temperature, then top-k, then top-p, as
     `generate(do_sample=True)` orders them) and returns a score that is 0 for the drawn token and -inf elsewhere, so
     greedy decoding emits it. Why: `generate`'s own sampler draws with `torch.multinomial` over the whole vocabulary
-    (an exponential per entry: 24 % of a 24-token generation of SmolLM2 on 2 CPU cores) even when top-k keeps 50."""
+    (an exponential per entry: a sizeable share of a short generation on a CPU) even when top-k keeps 50."""
 
     def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
         if temperature <= 0:
@@ -127,10 +127,10 @@ def per_prompt_budgets(max_new_tokens: int | list[int], n_prompts: int) -> list[
 
 def budget_groups(budgets: list[int], rows_per_prompt: int = 1, step_cost_rows: float = 32.0) -> list[list[int]]:
     """Prompt indices split into generate calls. A call decodes as many steps as its longest budget, and a decoding
-    step costs about `step_cost_rows` rows' worth of work however few rows it has (reading every weight once: 27 ms
-    of a 4-row SmolLM2 step on 2 CPU cores, +1.4 ms per extra row). Prompts sorted by budget are cut into the
-    contiguous groups that minimise Σ longest budget × (step cost + rows): one 23-token answer no longer makes fifty
-    3-token ones decode 25 steps, and short lists stay one call."""
+    step costs about `step_cost_rows` rows' worth of work however few rows it has (reading every weight once
+    dominates a small batch's step). Prompts sorted by budget are cut into the contiguous groups that minimise
+    Σ longest budget × (step cost + rows), so one 23-token answer does not make fifty 3-token ones decode 25 steps,
+    and short lists stay one call."""
     order = sorted(range(len(budgets)), key=lambda i: budgets[i])
     best = [0.0] + [float("inf")] * len(order)  # best[j]: cheapest split of the first j prompts
     cut = [0] * (len(order) + 1)
@@ -175,8 +175,8 @@ def sync_bytes(shapes: list[tuple[int, int]], bytes_per_weight: int = 2) -> dict
     return {"merged": sum(o * i for o, i in shapes) * bytes_per_weight, "z": sum(min(o, i) for o, i in shapes) * 4}
 
 
-# Llama shapes the sync figures are quoted at: hidden size, MLP size, layers, query and key/value widths (heads × 64
-# or 128), from the models' published configs.
+# Llama shapes the sync sizes are computed at (docs/gpus-and-vllm.md): hidden size, MLP size, layers, query and
+# key/value widths (heads × 64 or 128), from the models' published configs.
 LLAMA_SHAPES = {"Llama-3.2-1B": dict(hidden=2048, mlp=8192, layers=16, q=32 * 64, kv=8 * 64),
                 "Llama-3.1-8B": dict(hidden=4096, mlp=14336, layers=32, q=32 * 128, kv=8 * 128),
                 "Llama-3.1-70B": dict(hidden=8192, mlp=28672, layers=80, q=64 * 128, kv=8 * 128),
@@ -251,7 +251,7 @@ class ServerEngine:
 
     def send_z(self, z: dict[str, torch.Tensor]) -> tuple[list[dict], int]:
         """z to the server's workers: a file in shared memory on this machine, overwritten in place, named by a
-        ~70-byte RPC (vLLM's HTTP endpoint passes only strings). Returns the workers' answers and the bytes written."""
+        short RPC (vLLM's HTTP endpoint passes only strings). Returns the workers' answers and the bytes written."""
         if self.z_writer is None:
             from t2edit.vllm_worker import ZWriter, z_directory
 

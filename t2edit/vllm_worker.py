@@ -35,14 +35,13 @@ def _layout_path(path: str) -> str:
 class ZWriter:
     """The trainer's half of z's way to a server's workers: one float32 file in `directory` (shared memory, see
     `z_directory`), mapped once and overwritten in place on every sync while the layers sent stay the same, with
-    their names and lengths in a JSON file beside it; a new pair of files when they change. Only a ~70-byte message
+    their names and lengths in a JSON file beside it; a new pair of files when they change. Only a short message
     naming the file crosses vLLM's RPC, which passes strings through its API server and engine processes
-    (scripts/bench_vllm_sync.py times an RPC carrying z inline against an empty one).
+    (benchmarks/bench_vllm_sync.py times an RPC carrying z inline against an empty one).
 
-    Why in place: a fresh file costs new memory pages on every sync. At Llama-3.1-70B shapes (13.8 MB of z) writing
-    and reading a new safetensors file took 9.9 ms on a 2-core machine and 17 ms on a GPU host; overwriting a mapped
-    one 3.3 ms. No reader sees half a write: the message goes after the write, and the next write waits for the
-    workers' answer to it."""
+    Why in place: a fresh file costs new memory pages on every sync, so at large-model shapes writing and reading a
+    new file is several times slower than overwriting a mapped one (docs/gpus-and-vllm.md). No reader sees half a
+    write: the message goes after the write, and the next write waits for the workers' answer to it."""
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -62,7 +61,7 @@ class ZWriter:
         flat = [z[name].detach().reshape(-1) for name in names]
         if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in flat):
             torch.cat(flat, out=self.buffer)  # straight into the mapped file
-        else:  # joined where z lives, then copied off the GPU once (one copy per layer: tens of µs each)
+        else:  # joined where z lives, then copied off the GPU once (each copy has a fixed cost, so not one per layer)
             self.buffer.copy_(torch.cat([t.to(flat[0].device, torch.float32) for t in flat]))
         return json.dumps({"version": PAYLOAD_VERSION, "path": self.path, "bytes": self.buffer.numel() * 4})
 
@@ -122,7 +121,7 @@ def decode_z(payload: str) -> dict[str, torch.Tensor]:
 
 def z_directory() -> str:
     """A fresh directory for z files: in shared memory where the machine has it (/dev/shm, a RAM filesystem on
-    Linux; a disk write can stall for tens of ms), else the system's temporary directory."""
+    Linux; a disk write can stall), else the system's temporary directory."""
     shared = "/dev/shm"
     base = shared if os.path.isdir(shared) and os.access(shared, os.W_OK) else None
     return tempfile.mkdtemp(prefix="t2edit-svf-z-", dir=base)
@@ -221,7 +220,7 @@ class SVFWorkerExtension:
                 weights.append((f"{name}.weight", weight.T.contiguous() if transposed else weight))
             load_into_model_runner(self.model_runner, weights)
         count = len(weights)
-        del weights  # freeing the rebuilt W' is this worker's work too (tens of ms at 1B shapes on a CPU)
+        del weights  # freeing the rebuilt W' is this worker's work too (not negligible at 1B shapes on a CPU)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return {"layers": count, "seconds": time.perf_counter() - started, "arrived": arrived, "left": time.time()}

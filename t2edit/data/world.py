@@ -6,15 +6,15 @@ Before any edit the world model
   - already says every edit target somewhere: where a target is no answer of another fact in the file, one
     synthetic fact is added (the edit prompt's relation, an invented subject, answered by the target), because an
     editor that re-weighs what the model knows — SVF — can only edit towards answers the model already produces
-    (shared/notes/feasibility.md, "LLM-like world");
+    (an "LLM-like" world; see docs/data.md);
   - uses a fact put in its context (`t2edit.text.new_fact_context`) only when that fact is about the question's
     subject and relation, so prompt-based editing and IKE are fair comparisons: it is trained on "copy" examples
     (the question is the context's prompt or an alias of it, the answer is the context's object, a random known
     answer) and on hard negatives (same relation and another subject, or same subject and another relation: the
     question keeps its own answer), some with 1-4 IKE demonstrations in front. Besides the answer, the loss
-    covers the restated question and the demonstrations' restated facts (`Example.echo_spans`): on the built-in
-    world that signal took in-context copying from 0.53 to 0.91-0.97, and keeping another subject's answer
-    from 0.56 to 0.74-0.88, in the same 1,500 steps.
+    covers the restated question and the demonstrations' restated facts (`Example.echo_spans`): that signal makes
+    the world far better at copying an in-context fact, and at keeping another subject's answer, for the same
+    number of steps.
 
 What the evaluation later expects only AFTER an edit is never taught: no record's target_new follows its edit
 prompt, an alias prompt or a portability prompt anywhere in the training text (`training_texts` returns it all
@@ -69,7 +69,7 @@ class WorldNotFoundError(FileNotFoundError):
 
 @dataclass
 class WorldConfig:
-    """How a world model is built and pretrained. Defaults fit ~120 records in ~2-3 minutes on 2 CPU cores."""
+    """How a world model is built and pretrained. Defaults fit a world of ~120 records built in minutes on a CPU."""
 
     arch: str = "llama"
     hidden_size: int = 128
@@ -91,7 +91,7 @@ class WorldConfig:
 
     @classmethod
     def tiny(cls) -> "WorldConfig":
-        """For tests: a 10-20 record world in well under 30 s."""
+        """For tests: a smaller, faster-built model for a 10-20 record world."""
         return cls(hidden_size=64, num_layers=2, intermediate_size=256, steps=300, lr=5e-3, batch_size=32,
                    warmup_steps=20)
 
@@ -388,7 +388,7 @@ def _encode(tokenizer, examples: list[Example]) -> list[tuple[list[int], list[in
 
 def _microbatches(encoded: list[tuple[list[int], list[int]]], tokens_per_microbatch: int):
     """Split a batch, sorted by length, into pieces whose padded size stays under the token budget (IKE examples
-    are ~5x longer than facts; padding every fact to their length would waste most of the step)."""
+    are several times longer than facts; padding every fact to their length would waste most of the step)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     piece: list[int] = []
     for i in order:

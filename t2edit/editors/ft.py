@@ -3,7 +3,7 @@
 EasyEdit trains `model.layers.21.mlp.down_proj` of a 32-layer 7B model with Adam lr 5e-4 for 25 steps, stops
 early once the loss is below 1e-2, and may clamp the matrix near its original (norm_constraint). Here the
 config's own defaults are those values on the middle layer; the settings each kind of model gets from the
-command line (a fact world, a small real model) are in t2edit/baselines/defaults.py.
+command line (a fact world, a small real model) are in configs/editors/ft.yaml (`t2edit.editors.settings`).
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 The config's defaults are EasyEdit's KnowEdit LoRA settings (rank 8, alpha 32, dropout 0.1, Adam lr 5e-3, 70 steps,
 masked cross-entropy on the target; EasyEdit runs them as AdaLoRA, here plain LoRA); the settings each kind of
-model gets from the command line are in t2edit/baselines/defaults.py. EasyEdit targets q_proj/v_proj, which is also
-PEFT's default for Llama and Qwen2; leaving `target_modules` unset uses PEFT's default for whatever architecture is
-given (c_attn for GPT-2).
+model gets from the command line are in configs/editors/lora.yaml (`t2edit.editors.settings`). EasyEdit targets
+q_proj/v_proj, which is also PEFT's default for Llama and Qwen2; leaving `target_modules` unset uses PEFT's default
+for whatever architecture is given (c_attn for GPT-2).
 """
 from __future__ import annotations
 

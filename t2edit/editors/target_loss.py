@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import trange
 
 from t2edit.data.records import EditRecord
+from t2edit.batching import left_pad, position_ids
 from t2edit.editors.base import EditInputError
 from t2edit.precision import autocast_context
 
@@ -34,18 +35,10 @@ def encode_targets(tokenizer, prompts: list[str], targets: list[str],
         if n_prompt >= len(ids):
             raise EditInputError(f"target {target!r} of prompt {prompt!r} adds no tokens after the prompt")
         rows.append((ids, len(ids) - n_prompt))
-    width = max(len(ids) for ids, _ in rows)
-    n_target = max(n for _, n in rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), n_target), -100, dtype=torch.long)
-    for row, (ids, n) in enumerate(rows):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-        labels[row, n_target - n:] = torch.tensor(ids[len(ids) - n:])
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "labels": labels.to(device)}
+    input_ids, attention_mask = left_pad([ids for ids, _ in rows], pad_id, device)
+    labels = left_pad([ids[len(ids) - n:] for ids, n in rows], -100)[0]  # the targets, right-aligned
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels.to(device)}
 
 
 def _forward_accepts(model: torch.nn.Module, name: str) -> bool:
@@ -59,7 +52,7 @@ def masked_target_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     n_keep = labels.shape[1] + 1  # the last target token predicts nothing; the position before the first does
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": mask}
     if _forward_accepts(model, "position_ids"):
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids(mask)
     if _forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = n_keep
     logits = model(**kwargs).logits[:, -n_keep:-1].float()

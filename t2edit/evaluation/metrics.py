@@ -30,10 +30,11 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from t2edit.batching import left_pad, position_ids
 from t2edit.text import answer_matches, first_answer_span, normalize_answer
 
 DEFAULT_BATCH_SIZE = 16
-# KnowEdit's runner multiplies the mean n-gram entropy (bits) by 100: a Llama-2-7b generation scores ~550-580.
+# KnowEdit's runner multiplies the mean n-gram entropy (bits) by 100, so fluent text scores in the hundreds.
 FLUENCY_SCALE = 100.0
 STRICT_EXTRA_TOKENS = 3  # greedy budget beyond the longest alias, so "Paris, France" can still be read as "Paris"
 
@@ -61,17 +62,6 @@ def _pad_id(tokenizer) -> int:
 def _encode(tokenizer, text: str) -> list[int]:
     """Token ids with the tokenizer's default special tokens (BOS for Llama), as EasyEdit tokenizes."""
     return list(tokenizer(text)["input_ids"])
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _forward_accepts(model: torch.nn.Module, name: str) -> bool:
@@ -107,7 +97,7 @@ def _logits(model, input_ids, attention_mask, n_keep: int, prompt_end: list[int]
     if prompt_end is not None and getattr(model, "routes_on_prompt", False):
         kwargs["prompt_end"] = torch.tensor(prompt_end, device=input_ids.device)
     if _forward_accepts(model, "position_ids"):
-        kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = position_ids(attention_mask)
     if _forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = n_keep  # only the answer positions: no [batch, length, vocab] tensor
     out = model(**kwargs)
@@ -136,7 +126,7 @@ def teacher_forced_predictions(model, tokenizer, prompts: Sequence[str], targets
     pad_id, device = _pad_id(tokenizer), _device(model)
     with torch.inference_mode(), eval_mode(model):
         for batch in _batches(order, batch_size, "teacher-forced", progress):
-            ids, mask = _left_pad([items[i][0] for i in batch], pad_id, device)
+            ids, mask = left_pad([items[i][0] for i in batch], pad_id, device)
             width = ids.shape[1]
             # EasyEdit's prompt length: pads in front + tokens of the prompt alone (never the first position).
             starts = [max(1, width - len(items[i][0]) + items[i][1]) for i in batch]
@@ -217,7 +207,7 @@ def greedy_completions(model, tokenizer, inputs: Sequence[str], max_new_tokens: 
     completions = [""] * len(inputs)
     with torch.inference_mode(), eval_mode(model):
         for batch in _batches(order, batch_size, "greedy", progress):
-            ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
+            ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
             new = _generate(model, ids, mask, pad_id, do_sample=False, max_new_tokens=max(budgets[i] for i in batch),
                             eos_token_id=sorted(stop) or None)
             for row, i in enumerate(batch):
@@ -289,7 +279,7 @@ def sample_texts(model, tokenizer, prompts: Sequence[str], contexts: Sequence[st
     with torch.random.fork_rng(devices=cuda), torch.inference_mode(), eval_mode(model):
         torch.manual_seed(seed)  # seeded without touching the caller's RNG stream
         for batch in _batches(order, batch_size, "sampling", progress):
-            ids, mask = _left_pad([encoded[i] for i in batch], pad_id, device)
+            ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
             new = _generate(model, ids, mask, pad_id, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
                             min_new_tokens=0, eos_token_id=[])
             for row, i in enumerate(batch):

@@ -32,13 +32,13 @@ def calibrate_own_router(svf_model, tokenizer, edit_prompts: Sequence[str], nega
 
 
 class EmbeddingRouter(ExpertRouter):
-    """Today's `t2edit.routing.Router` for K experts: each expert's keys (the unedited model's last-token states
+    """A `t2edit.routing.ExpertRouter` for K experts: each expert's keys (the unedited model's last-token states
     of its edit prompts) and calibrated threshold, saved with the expert. A prompt goes to the expert with the
     nearest key among those whose threshold it passes; below every threshold, to no expert.
 
     Each expert's threshold was calibrated on that expert's own training neighbours only; with many experts a
     prompt may sit close to another expert's keys. Given `negatives`, each threshold is raised (never lowered)
-    to `margin` of the way from the closest negative to 1 . Without negatives (one
+    to `margin` of the way from the closest negative to 1. Without negatives (one
     expert answering alone) the saved thresholds are used as they are."""
 
     name = "embedding"

@@ -98,8 +98,8 @@ class ScopeRouter(ExpertRouter):
 
     def _packed(self, device) -> tuple:
         """Every edit's subject and relation keys padded into [edits, tokens, d] tensors (`_pad_keys`) on `device`:
-        one einsum scores all K edits instead of 2K small ones per batch (what made routing cost grow with the
-        number of experts)."""
+        one einsum scores all K edits instead of 2K small ones per batch, whose overhead would grow with the number
+        of experts."""
         if self._packed_cache[0] != device:
             self._packed_cache = (device, [_pad_keys(keys, device)
                                            for keys in (self.subject_keys, self.relation_keys)])
@@ -199,7 +199,7 @@ class SplitScopeRouter(ScopeRouter):
             restating = (subject >= self.restated) & (relation >= self.restated)
             self.dropped = int(restating.any(-1).sum())
             # A negative naming the edited subject is no other subject, even where its tokens differ (BPE splits a
-            # name at the start of a prompt otherwise than after a space: "Martín Solares follows" scores 0.95).
+            # name at the start of a prompt otherwise than after a space: "Martín Solares follows" falls short of 1).
             names = [e["subject"] for e in edits]
             same = torch.tensor([[name in text for name in names] for text in negatives], dtype=torch.bool)
             other_subject = torch.where((subject < self.restated) & ~same, subject,
@@ -240,8 +240,8 @@ class SplitScopeRouter(ScopeRouter):
     def _answer_in_text(self, batch, asked: torch.Tensor, passing: torch.Tensor) -> torch.Tensor:
         """[batch, edits]: the prompt asks the edit's relation and its text holds the edit's new answer, with the
         edit's subject passing (or found as text). Each distinct answer is looked for once per prompt: many edits
-        of one relation share answers ("English"), and one test per (prompt, edit) pair cost ~10⁴ substring tests
-        a batch at hundreds of edits."""
+        of one relation share answers ("English"), and one test per (prompt, edit) pair would mean ~10⁴ substring
+        tests a batch at hundreds of edits."""
         found = torch.zeros_like(asked)
         edits = [e for e in asked.any(0).nonzero().flatten().tolist() if self.target_words[e].strip()]
         if not edits:

@@ -25,7 +25,7 @@ from t2edit.training.trainer import SVFTrainer
 
 
 def steps_for(n_edits: int, base_steps: int) -> int:
-    """Fewer steps for small experts: on the built-in world a single edit is learned in about 30 steps."""
+    """Fewer steps for small experts: a single edit of the built-in world is learned in a few tens of steps."""
     return max(30, min(base_steps, 30 + 2 * n_edits))
 
 
@@ -47,7 +47,7 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
                      steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
                      # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
-                     # the edit (measured: a single edit was not learned at all in 100 steps).
+                     # the edit, which then is not learned at all.
                      neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
     pool, subject = training_pools(setup, edited, chunk)
     svf_model = apply_svf(setup.model, config.svf_config(), progress=False)

@@ -3,11 +3,11 @@
 Each step samples a group of answers for some edit prompts and some neighbour prompts, scores them with the reward
 plugins, and pushes z along Σ advantage · ∇log π(answer). Two additions make it work for knowledge editing:
 
-* Guided groups (the sparse-reward fix): a counterfactual target is essentially never sampled by the unedited model
-  (1 in 1,584 samples in our measurements), so every sampled reward is 0 and plain REINFORCE has no gradient. One
-  member of each group is therefore the rewarded answer itself (the new target on edit prompts, the unedited model's
-  own answer on neighbour prompts), scored by the same reward; the group baseline gives it a positive advantage
-  exactly while the policy does not yet produce it, and none once it does.
+* Guided groups (the sparse-reward fix): a counterfactual target is essentially never sampled by the unedited model,
+  so every sampled reward is 0 and plain REINFORCE has no gradient. One member of each group is therefore the
+  rewarded answer itself (the new target on edit prompts, the unedited model's own answer on neighbour prompts),
+  scored by the same reward; the group baseline gives it a positive advantage exactly while the policy does not yet
+  produce it, and none once it does.
 * Locality is trained for: neighbour prompts come from *other* facts (never the edited records' locality,
   portability or rephrase prompts) and are rewarded for keeping the unedited model's answer; an optional KL term to
   the unedited model (the same SVF model with its layers bypassed) is available.
@@ -72,7 +72,7 @@ class SVFTrainer:
         self.edit_items = [TrainItem(r.prompt, list(r.target_new), "edit") for r in edits]
         self.edits = edits
         # Token budgets: the rewards read an answer and the word after it, so an edit prompt generates its own longest
-        # accepted answer + 2 tokens (not the longest of the batch: one 23-token answer made fifty 3-token ones
+        # accepted answer + 2 tokens (not the longest of the batch: one 23-token answer would make fifty 3-token ones
         # generate 25 tokens each). Neighbour references get the longest edit budget.
         self.budgets = {item.prompt: config.max_new_tokens or 2 + max(
             len(tokenizer(" " + a, add_special_tokens=False)["input_ids"]) for a in item.answers)
@@ -104,7 +104,7 @@ class SVFTrainer:
     def _with_references(self, prompts: list[str], anchors: bool) -> list[TrainItem]:
         missing = [p for p in prompts if p not in self.reference_answers]
         if missing:
-            # Generation on a CPU costs about the same for 16 prompts as for 128 (per-token overhead dominates), so
+            # Generation on a CPU costs about the same for a few prompts as for many (per-token overhead dominates), so
             # the answers of the neighbours the next steps will draw are computed in the same call.
             order, pool = (self.subject_order, self.subject_prompts) if anchors else \
                 (self.neighbour_order, self.neighbour_prompts)
@@ -153,7 +153,7 @@ class SVFTrainer:
         config = self.config
         sampled_items = [i for i in items if config.objective == "reinforce" and
                          (i.kind == "edit" or config.sample_neighbours)]
-        with autocast_context(self.model.device, config.precision):  # sampling is half of a step in fp32
+        with autocast_context(self.model.device, config.precision):  # sampling is a large share of a step in fp32
             sampled = iter(self.rollouts.sample(
                 [i.prompt for i in sampled_items], config.group_size, config.temperature,
                 [self.budgets.get(i.prompt, self.max_new_tokens) for i in sampled_items], top_k=config.top_k,
@@ -200,8 +200,8 @@ class SVFTrainer:
         n_kl = sum(kinds[r] == "neighbour" for r in rows.index) if config.kl_coef > 0 else 0
         loss_value, kl_values = 0.0, []
         # Rows go through forward + backward in chunks of whole groups (a group shares its prompt's forward), the
-        # gradients adding up: a step's memory stays bounded however many rollouts it scores (166 rows at once
-        # peaked near 19 GB on SmolLM2-135M).
+        # gradients adding up: a step's memory stays bounded however many rollouts it scores (all rows at once can
+        # exhaust memory even on a small model).
         for chunk in _group_chunks(rows.index, group_of, config.rows_per_chunk):
             chunk_rows = [rows.index[k] for k in chunk]
             kl_rows = torch.tensor([kinds[r] == "neighbour" for r in chunk_rows]) if n_kl else None
@@ -264,7 +264,7 @@ class SVFTrainer:
 
     def calibration_negatives(self) -> list[str]:
         """Prompts the router must leave alone: the neighbours and anchors, a bounded sample of them (encoding a
-        pool of thousands of prompts costs minutes on a real model and moves the threshold little)."""
+        pool of thousands of prompts is slow on a real model and moves the threshold little)."""
         prompts = list(dict.fromkeys(self.neighbour_prompts + self.subject_prompts))
         limit = self.config.router_calibration_prompts
         if limit and len(prompts) > limit:
