@@ -37,4 +37,42 @@ def pad_id_of(tokenizer) -> int:
     return pad
 
 
-__all__ = ["left_pad", "pad_id_of", "position_ids"]
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped by length (shortest first) into batches of at most `max_rows` rows and `max_tokens` padded
+    tokens (a batch pads every row to its longest): a long input is batched with few others, not with all."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) == max_rows or lengths[i] * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def context_limit(model) -> int | None:
+    """How many positions the model reads (its config's max_position_embeddings / n_positions), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(model, tokenizer, texts: Sequence[tuple[str, str]], extra_tokens: int = 0) -> None:
+    """The rule for input longer than the model reads, the same everywhere: refused, never truncated (a cut prompt
+    would be scored or answered as if whole). `texts`: (what it is, e.g. "record 7's prompt", text)."""
+    limit = context_limit(model)
+    if limit is None:
+        return
+    for what, text in texts:
+        length = len(tokenizer(text)["input_ids"]) + extra_tokens
+        if length > limit:
+            raise ValueError(f"{what} needs {length} tokens ({text[:60]!r}...), more than the {limit} positions the "
+                             f"model reads; shorten it or leave it out")
+
+
+__all__ = ["check_fits_context", "context_limit", "length_batches", "left_pad", "pad_id_of", "position_ids"]

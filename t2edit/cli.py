@@ -59,7 +59,9 @@ def add_world_build_arguments(build: argparse.ArgumentParser) -> argparse.Argume
 def add_eval_arguments(evaluate: argparse.ArgumentParser) -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default=None,
                           help="world directory or transformers model (default: the world of --data)")
-    evaluate.add_argument("--data", default="builtin", help="KnowEdit / CounterFact / ZsRE file, or 'builtin'")
+    evaluate.add_argument("--data", default=None,
+                          help="KnowEdit / CounterFact / ZsRE file, or 'builtin' (default; a world directory given "
+                               "as --model carries its own records)")
     evaluate.add_argument("--method", type=_methods, default=["none"],
                           help="comma-separated: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
     evaluate.add_argument("--expert", default=None, help="trained expert directory for the svf methods")
@@ -76,6 +78,7 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> argparse.ArgumentPa
     evaluate.add_argument("--mode", choices=["batch", "single"], default="batch",
                           help="batch: all edits at once; single: edit, score, restore per record")
     evaluate.add_argument("--no-fluency", action="store_true", help="skip the fluency generations")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     evaluate.add_argument("--out", default="runs/eval", help="output directory")
     evaluate.add_argument("--composition", default=None, metavar="K[,K...]",
                           help="split the edits into K independently trained experts and score each router "
@@ -189,7 +192,8 @@ def _eval(args):
         raise ValueError("--workers applies to --sequential; drop it or add --sequential")
     if args.router is not None and not many and len(args.router) != 1:
         raise ValueError("--router takes one router for method svf (a list only with --composition / --sequential)")
-    setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data)
+    setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data,
+                       skip_bad=args.skip_bad)
     if many:
         run_many_experts(setup, args.out, composition=args.composition, sequential=args.sequential,
                          routers=args.router, workers=args.workers)

@@ -9,7 +9,9 @@ Only z is stored (kilobytes to a few MB); the SVD factors are rebuilt from the b
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,6 +148,8 @@ class Expert:
                   "router_threshold": self.router.threshold if self.router is not None else None,
                   "format": FORMAT}
         z = {k: v.contiguous() for k, v in self.z.items()}
+        config["z_sha256"] = {name: tensor_digest(tensor) for name, tensor in z.items()}
+        config["svf_config_sha256"] = config_digest(self.svf_config)
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(
             z, str(tmp), metadata={"base_fingerprint": self.base_fingerprint}))
         if self.router is not None:
@@ -175,15 +179,25 @@ class Expert:
         if lacking or not isinstance(config["svf_config"], dict):
             raise ValueError(f"{config_path} lacks {lacking[0] if lacking else 'a valid svf_config'}; the file is "
                              f"damaged or not written by t2edit — retrain or restore the expert")
+        if config.get("format", FORMAT) != FORMAT:
+            raise ValueError(f"{config_path} has format {config.get('format')!r}; this t2edit reads {FORMAT!r} — "
+                             f"upgrade t2edit or retrain the expert with this one")
         missing = [k for k in config.get("target_layers", []) if k not in z]
         if missing:
             raise ValueError(f"expert in {directory} lacks z for {missing[0]!r}; the files are inconsistent")
+        check_z(z, str(directory / WEIGHTS_NAME), config.get("z_sha256"))
+        if "svf_config_sha256" in config and config["svf_config_sha256"] != config_digest(config["svf_config"]):
+            raise ValueError(f"{config_path}: svf_config does not match the checksum written with it (mask, "
+                             f"targets or scaling were edited); retrain or restore the expert")
+        if router is not None:
+            check_router(router, str(directory))
         return cls(z=z, svf_config=config["svf_config"], base_fingerprint=config["base_fingerprint"],
                    base_model_name=config.get("base_model_name", ""),
                    info=ExpertInfo.from_dict(config.get("info"), str(directory)), router=router)
 
     # -- use --------------------------------------------------------------------------------------------------
     def check_compatible(self, model: SVFModel):
+        """Refuse (ExpertMismatchError) a model this expert was not trained for, and z that does not fit it."""
         if model.base_fingerprint != self.base_fingerprint:
             raise ExpertMismatchError(
                 f"this expert was trained on base model {self.base_model_name or '?'} (fingerprint "
@@ -197,6 +211,11 @@ class Expert:
         if svf_config_dict(model.svf_config).get("mask") != self.svf_config.get("mask"):
             raise ExpertMismatchError("the expert was trained with another mask function; build the SVF model "
                                       "with expert.make_svf_config()")
+        for name, layer in model.svf_layers().items():
+            if tuple(self.z[name].shape) != tuple(layer.z.shape):
+                raise ExpertMismatchError(f"the expert's z for {name!r} has shape {tuple(self.z[name].shape)}, the "
+                                          f"model's layer needs {tuple(layer.z.shape)}; the expert is damaged or "
+                                          f"belongs to another model")
 
     def apply_to(self, model: SVFModel) -> SVFModel:
         self.check_compatible(model)
@@ -226,3 +245,43 @@ class Expert:
         return Expert(z=z, svf_config=dict(first.svf_config), base_fingerprint=first.base_fingerprint,
                       base_model_name=first.base_model_name,
                       info=ExpertInfo(mixed_from=[e.info.name for e in experts], mix_weights=weights))
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 (16 hex digits) of a tensor's dtype, shape and bytes: written with an expert, checked when it loads."""
+    tensor = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def config_digest(svf_config: dict) -> str:
+    return hashlib.sha256(json.dumps(svf_config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_z(z: dict[str, torch.Tensor], where: str, digests: dict | None = None) -> None:
+    """One clear error for z an expert must never be used with: not a float vector, not finite, or (given the
+    digests saved with it) not the bytes that were written."""
+    for name, tensor in z.items():
+        if tensor.dim() != 1 or not tensor.is_floating_point() or tensor.numel() == 0:
+            raise ValueError(f"{where}: z for {name!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; "
+                             f"an expert stores one float vector per layer — retrain or restore the expert")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: z for {name!r} holds NaN or infinite values; the expert is damaged — "
+                             f"retrain or restore it")
+        if digests is not None and digests.get(name) != tensor_digest(tensor):
+            raise ValueError(f"{where}: z for {name!r} does not match the checksum written with it; the file was "
+                             f"changed or damaged — retrain or restore the expert")
+
+
+def check_router(router: OwnRouter, where: str) -> None:
+    """An expert's own router must be usable: finite unit-norm keys, a threshold that is a cosine."""
+    if not (isinstance(router.threshold, float) and math.isfinite(router.threshold)
+            and -1.0 <= router.threshold <= 1.0):
+        raise ValueError(f"{where}: router_threshold {router.threshold!r} in {CONFIG_NAME} is not a cosine in "
+                         f"[-1, 1]; the file is damaged — retrain or restore the expert")
+    keys = router.keys
+    if keys.dim() != 2 or not torch.isfinite(keys).all() or \
+            not torch.allclose(keys.float().norm(dim=-1), torch.ones(len(keys)), atol=1e-3):
+        raise ValueError(f"{where}: {ROUTER_NAME} must hold finite unit-norm keys, one row per edit prompt; the file "
+                         f"is damaged — retrain or restore the expert")

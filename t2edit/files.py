@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +43,13 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get("T2EDIT_CACHE", Path.home() / ".cache" / "t2edit"), *parts)
 
 
+class WriteError(RuntimeError):
+    """A file could not be written (e.g. the disk is full); nothing half-written is left behind."""
+
+
+LOW_SPACE_BYTES = 1 << 20
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed over `path` when the block ends without error,
@@ -53,9 +61,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        # A full disk surfaces as OSError(ENOSPC) from Python, or as a RuntimeError from torch's C++ writer.
+        if isinstance(error, (OSError, RuntimeError)) and _free_bytes(path.parent) < LOW_SPACE_BYTES:
+            raise WriteError(f"no space left on the device to write {path}; free some space or choose another "
+                             f"output directory") from None
         raise
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return LOW_SPACE_BYTES
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], object]) -> Path:
@@ -75,4 +94,4 @@ def atomic_write_json(path: str | os.PathLike, value, indent: int | None = 1) ->
     return atomic_write(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
-__all__ = ["CONFIGS_DIR", "read_yaml", "atomic_path", "atomic_write", "atomic_write_json", "cache_dir"]
+__all__ = ["CONFIGS_DIR", "WriteError", "read_yaml", "atomic_path", "atomic_write", "atomic_write_json", "cache_dir"]

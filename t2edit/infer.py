@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from t2edit.batching import check_fits_context, length_batches
 from t2edit.data.world import build_world, load_world, world_facts
 from t2edit.experts import Expert
 from t2edit.leakage import negatives_from_edits
@@ -13,6 +14,7 @@ from t2edit.routing import AdaptiveModel, EmbeddingRouter, default_router, get_r
 from t2edit.setup import is_world_dir
 
 INFER_BATCH = 32  # prompts routed and answered together (one generate call each)
+INFER_TOKENS = 8192  # padded prompt tokens per batch: one long prompt shares its batch with few others
 
 
 def read_prompt_file(path: str, what: str) -> list[str]:
@@ -58,14 +60,22 @@ def run_infer(expert_dirs: Sequence[str], prompts: Sequence[str], model: str | N
     name = router or default_router(edits, world=bool(world_prompts))
     if name == "classifier" and not negatives:
         raise ValueError("--router classifier needs --negatives FILE (prompts the experts must leave alone)")
+    for number, prompt in enumerate(prompts, 1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {number} ({prompt!r:.60}) holds text that is not valid Unicode; give UTF-8 "
+                             f"text") from None
+    check_fits_context(base, tokenizer, [(f"prompt {n}", p) for n, p in enumerate(prompts, 1)], max_new_tokens)
     tokenizer.padding_side = "left"
     chosen = get_router(name) if name else EmbeddingRouter()
     adaptive = AdaptiveModel.from_experts(base, experts, chosen, tokenizer, mixing=mixing, negatives=negatives).eval()
-    answers, weights = [], []
-    for start in range(0, len(prompts), INFER_BATCH):  # bounded batches: one long prompt pads only its own
-        chunk = list(prompts[start:start + INFER_BATCH])
-        answers += greedy_answers(adaptive, tokenizer, chunk, max_new_tokens, batch_size=INFER_BATCH)
-        weights += adaptive.last_weights.tolist()
+    answers, weights = [None] * len(prompts), [None] * len(prompts)
+    for chunk in length_batches([len(tokenizer(p)["input_ids"]) for p in prompts], INFER_BATCH, INFER_TOKENS):
+        said = greedy_answers(adaptive, tokenizer, [prompts[i] for i in chunk], max_new_tokens,
+                              batch_size=INFER_BATCH)
+        for i, answer, mix in zip(chunk, said, adaptive.last_weights.tolist()):
+            answers[i], weights[i] = answer, mix
     names = [str(Path(d)) for d in expert_dirs]
     rows = []
     for prompt, mix, answer in zip(prompts, weights, answers):

@@ -119,7 +119,7 @@ def run_many_experts(setup: EditingSetup, out_dir: str, composition: str | None 
 def run_training(config: TrainConfig, accelerator=None):
     """Train one SVF expert as `config` says; returns (the Expert, also saved to output_dir/expert, the setup)."""
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
-                       world_preset=config.world_preset)
+                       world_preset=config.world_preset, skip_bad=config.skip_bad)
     if accelerator is not None:
         setup.model.to(accelerator.device)
     others = list(setup.other_records)

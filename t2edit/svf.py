@@ -57,6 +57,14 @@ class SVFConfig:
             raise ValueError(f"SVFConfig.mask={self.mask!r} is not supported; choose one of {MASKS}")
         if isinstance(self.target_modules, str) and self.target_modules not in TARGET_PRESETS:
             self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, str):
+            for pattern in self.target_modules:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as error:
+                        raise ValueError(f"target_modules pattern {pattern!r} is not a valid regular expression "
+                                         f"({error}); e.g. 're:.*mlp\\.down_proj'") from None
 
     def multiplier(self, z: torch.Tensor) -> torch.Tensor:
         """f(z): the one mask function used in training, mixing and merging alike."""
@@ -173,7 +181,11 @@ class SVDCache:
                 return factors
             self.rebuilt.append(f"{path.name} ({problem})")
         factors = decompose(weight, dtype)
-        self._write(path, factors, fingerprint, layer)
+        try:
+            self._write(path, factors, fingerprint, layer)
+        except (OSError, RuntimeError) as error:  # the cache is optional: the run goes on without it
+            warnings.warn(f"SVD cache: could not write {path} ({error}); continuing without caching it",
+                          stacklevel=3)
         return factors
 
     def _read(self, path, fingerprint, layer, weight, dtype):

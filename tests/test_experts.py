@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from t2edit.experts import CONFIG_NAME, Expert, ExpertMismatchError
+from t2edit.experts import CONFIG_NAME, Expert, ExpertMismatchError, OwnRouter
 from t2edit.svf import SVFConfig, apply_svf
 from t2edit.tiny import build_tiny_model
 
@@ -99,3 +99,59 @@ def test_a_damaged_expert_config_is_one_clear_error(tmp_path, tiny_tokenizer, da
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="damaged"):
         Expert.from_pretrained(tmp_path / "e")
+
+
+def _saved(tmp_path, tokenizer):
+    svf = _svf(tokenizer)
+    Expert.from_model(svf, router=OwnRouter(torch.nn.functional.normalize(torch.randn(2, 8), dim=-1), 0.9)) \
+        .save_pretrained(tmp_path / "e")
+    return svf, tmp_path / "e"
+
+
+def _damage_z(directory, change):
+    from safetensors.torch import load_file, save_file
+
+    z = load_file(str(directory / "expert.safetensors"))
+    change(z)
+    save_file(z, str(directory / "expert.safetensors"))
+
+
+def _damage_config(directory, change):
+    path = directory / CONFIG_NAME
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case, damage, message", [
+    ("nan in z", lambda d: _damage_z(d, lambda z: z[next(iter(z))].__setitem__(0, float("nan"))), "NaN"),
+    ("z of shape (1,)", lambda d: _damage_z(d, lambda z: z.__setitem__(next(iter(z)), torch.ones(1))), "checksum"),
+    ("flipped byte", lambda d: (d / "expert.safetensors").write_bytes(
+        (d / "expert.safetensors").read_bytes()[:-1] + bytes([(d / "expert.safetensors").read_bytes()[-1] ^ 1])),
+     "checksum"),
+    ("edited mask", lambda d: _damage_config(d, lambda c: c["svf_config"].__setitem__("mask", "identity")),
+     "svf_config"),
+    ("threshold NaN", lambda d: _damage_config(d, lambda c: c.__setitem__("router_threshold", float("nan"))),
+     "router_threshold"),
+    ("threshold -5", lambda d: _damage_config(d, lambda c: c.__setitem__("router_threshold", -5)), "router_threshold"),
+    ("unknown format", lambda d: _damage_config(d, lambda c: c.__setitem__("format", "t2edit-expert/99")), "format"),
+])
+def test_a_damaged_expert_is_refused_when_it_loads(tmp_path, tiny_tokenizer, case, damage, message):
+    _, directory = _saved(tmp_path, tiny_tokenizer)
+    Expert.from_pretrained(directory)  # intact: loads
+    damage(directory)
+    with pytest.raises(ValueError, match=message):
+        Expert.from_pretrained(directory)
+
+
+def test_z_that_does_not_fit_the_model_is_refused_on_the_many_experts_path(tmp_path, tiny_tokenizer):
+    """An expert built in memory (no file, no checksum) whose z has the wrong shape for a layer: it would broadcast
+    and change answers if the mixer stacked it unchecked."""
+    from t2edit.routing import AdaptiveModel, get_router
+
+    svf = _svf(tiny_tokenizer)
+    expert = Expert.from_model(svf)
+    name = next(iter(expert.z))
+    expert.z[name] = torch.ones(1)
+    with pytest.raises(ExpertMismatchError, match="shape"):
+        AdaptiveModel.from_experts(svf, [expert], get_router("uniform"), tiny_tokenizer)

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Each module's layer; a module may import from its own layer or an earlier one, never a later one.
 LAYERS = [
     ("t2edit.files", "t2edit.text", "t2edit.batching", "t2edit.precision", "t2edit.plots", "t2edit.tiny", "rewards",
-     "t2edit"),
+     "t2edit.runs", "t2edit"),
     ("t2edit.data", "t2edit.models", "t2edit.svf"),
     ("t2edit.setup", "t2edit.leakage", "t2edit.rollouts", "t2edit.vllm_worker"),
     ("t2edit.experts",),

@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # datasets is imported lazily: reading a JSON file should not
 
 logger = logging.getLogger(__name__)
 
-SKIP_BAD_HINT = "pass --skip-bad (skip_bad=True) to skip such records"
+SKIP_BAD_HINT = ("pass --skip-bad (t2edit eval / train / world build; skip_bad=True in Python) to skip such "
+                 "records")
 
 
 class DataFormatError(ValueError):
@@ -74,6 +75,23 @@ def _text(raw: dict, key: str, *, required: bool = False, where: str = "") -> st
     if not isinstance(value, str):
         raise _BadRecord(f"'{where}{key}' must be a string, got {type(value).__name__} {value!r:.60}")
     return value.strip()
+
+
+def _check_unicode(value: Any, where: str = "") -> None:
+    """Text a tokenizer cannot take (a lone surrogate, from a "\\ud800" escape) is one clear error, not a crash
+    deep inside the tokenizer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadRecord(f"'{where or 'a field'}' holds text that is not valid Unicode (a lone surrogate): "
+                             f"{value!r:.60}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item, where)
 
 
 def _aliases(value: Any, what: str) -> list[str]:
@@ -310,6 +328,7 @@ def load_records(source: str | os.PathLike, *, limit: int | None = None, start: 
         try:
             if not isinstance(raw, dict):
                 raise _BadRecord(f"a record must be a JSON object, got {type(raw).__name__}")
+            _check_unicode(raw)
             record = _PARSERS[data_format](raw, record_skips)
             if not record.prompt:
                 raise _BadRecord("the edit prompt is empty")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -31,11 +32,21 @@ from t2edit.files import atomic_write_json
 from t2edit.leakage import router_negatives
 from t2edit.plots import plot_curves
 from t2edit.routing import AdaptiveModel, FixedRouter, annotate_expert, encode, get_router, last_states, threshold_above
-from t2edit.svf import apply_svf
+from t2edit.runs import check_run_key, digest, run_lock
+from t2edit.svf import apply_svf, model_fingerprint
 from t2edit.training import expert_run_dir, train_experts, trained_experts
 
 log = logging.getLogger("t2edit")
 ROW_ROUTERS = ("oracle", "embedding", "scope", "scope-split", "hybrid", "classifier", "prompt", "cem", "uniform")
+
+
+def many_experts_key(setup, base_config=None) -> dict:
+    """What the experts of a composition or sequential run depend on: the edited records in order, what they learn
+    from (the other records and facts), the base model and the training settings."""
+    return {"edits": digest([(r.prompt, list(r.target_new)) for r in setup.edits]),
+            "learning_pool": digest([r.prompt for r in setup.other_records] + list(setup.extra_neighbour_prompts)),
+            "base_model": model_fingerprint(setup.model),
+            "train_config": digest(asdict(base_config)) if base_config is not None else "preset"}
 
 
 def split_records(records: Sequence[EditRecord], k: int) -> list[list[EditRecord]]:
@@ -115,6 +126,7 @@ def run_composition(setup, ks: Sequence[int], out_dir: str, routers: Sequence[st
     plot (composition.md, results.*) cover every K found in out_dir."""
     edits = list(setup.edits)
     n = len(edits)
+    check_run_key(out_dir, many_experts_key(setup, base_config), "composition run")
     negatives = router_negatives(setup, edits)
     batch_size = 64 if setup.world_report is not None else 16
     for k in ks:
@@ -186,11 +198,20 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
     Each point is appended to out_dir/sequential.json (and the plot redrawn) as soon as it is scored, so a run
     stopped early keeps every finished point. `deadline` (a time.perf_counter() value): no point is started after
     it, nor one that the time of the previous point says would end after it. The experts go to `experts_dir`
-    (default out_dir/experts-single)."""
+    (default out_dir/experts-single). One process writes to out_dir at a time, and only the run that made its
+    experts continues there."""
+    experts_dir = Path(experts_dir or Path(out_dir) / "experts-single")
+    with run_lock(out_dir):
+        check_run_key(experts_dir, many_experts_key(setup, base_config), "sequential run")
+        return _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline,
+                           sizes, experts_dir)
+
+
+def _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline, sizes,
+                experts_dir: Path):
     edits = list(setup.edits)
     n = len(edits)
     chunks = split_records(edits, n)
-    experts_dir = Path(experts_dir or Path(out_dir) / "experts-single")
     dirs = [str(expert_run_dir(experts_dir, k) / "expert") for k in range(n)]
     sizes = sorted({s for s in (sizes or sequential_sizes(n, points)) if 1 <= s <= n})
     batch_size = batch_size or (64 if setup.world_report is not None else 16)

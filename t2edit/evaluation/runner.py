@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from t2edit.batching import check_fits_context
 from t2edit.data.records import EditRecord
 from t2edit.editors.base import EditedModel, Editor
 from t2edit.evaluation import metrics as M
@@ -223,6 +224,12 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
     name = getattr(editor, "name", type(editor).__name__)
     started = time.perf_counter()
     jobs, skipped = _collect_jobs(records)
+    try:  # the scored text plus the strict metrics' greedy budget must fit what the model reads
+        check_fits_context(model, tokenizer, [
+            (f"record {records[j.record].index if records[j.record].index >= 0 else j.record}'s {j.family} prompt",
+             f"{j.prompt} {max(j.answers, key=len)}") for mine in jobs for j in mine], M.STRICT_EXTRA_TOKENS)
+    except ValueError as error:
+        raise M.EvaluationInputError(str(error)) from None
     locality_jobs = [j for mine in jobs for j in mine if j.family == "locality"]
     refs = _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode == "batch")
     pre_edit_seconds = time.perf_counter() - started

@@ -24,9 +24,9 @@ class TrainConfig:
     Each field: type, default, and why it is there (`--help` prints the same)."""
 
     # -- what to edit ----------------------------------------------------------------------------------------------
-    data: str = field(default="builtin", metadata=_doc(
+    data: str | None = field(default=None, metadata=_doc(
         "KnowEdit / CounterFact / ZsRE file, a hub dataset name, 'builtin' (the fact world's records) or "
-        "'real-facts' (the shipped real facts)"))
+        "'real-facts' (the shipped real facts); None: 'builtin', or a world directory's own records"))
     model: str | None = field(default=None, metadata=_doc(
         "smollm2-135m (shipped), a transformers directory or hub name, or a world directory; None: the fact world "
         "of `data`"))
@@ -34,6 +34,7 @@ class TrainConfig:
     start: int = field(default=0, metadata=_doc("index of the first edited record"))
     n_edits: int = field(default=50, metadata=_doc("number of records edited into one expert"))
     output_dir: str = field(default="runs/expert", metadata=_doc("expert/, checkpoint.pt, metrics.jsonl, plots"))
+    skip_bad: bool = field(default=False, metadata=_doc("skip malformed records instead of stopping"))
     neighbour_data: str | None = field(default=None, metadata=_doc(
         "extra file of other facts for neighbour prompts (never the evaluated records)"))
 
@@ -117,6 +118,34 @@ class TrainConfig:
     vllm_sync: str = field(default="auto", metadata=_doc(
         "auto | z (send only z to t2edit's worker extension) | merged (send W' under HF names)"))
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_doc("colocate mode: vLLM's GPU share"))
+
+    def __post_init__(self):
+        """One clear line for a setting that cannot work, before anything is loaded or written."""
+        at_least = {"steps": 1, "n_edits": 1, "start": 0, "group_size": 1, "edits_per_step": 1, "top_k": 0,
+                    "neighbours_per_step": 0, "subject_neighbours_per_step": 0, "max_new_tokens": 0, "warmup_steps": 0,
+                    "rows_per_chunk": 1, "reference_batch": 1, "router_calibration_prompts": 0, "save_every": 0,
+                    "eval_every": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least {low}")
+        positive = ("learning_rate", "max_grad_norm", "temperature", "max_mult")
+        for name in positive:
+            if not getattr(self, name) > 0:  # also catches NaN
+                raise ValueError(f"{name}={getattr(self, name)}: must be greater than 0")
+        for name, low, high in (("top_p", 0.0, 1.0), ("route_margin", 0.0, 1.0), ("stop_at_edit_success", 0.0, 1.0),
+                                ("vllm_gpu_memory_utilization", 0.0, 1.0)):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name}={getattr(self, name)}: must lie in [{low}, {high}]")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef={self.kl_coef}: must be 0 (off) or more")
+        choices = {"objective": ("reinforce", "ce"), "baseline": ("group_mean", "leave_one_out", "none"),
+                   "precision": ("auto", "bf16", "fp32"), "report_to": ("none", "wandb"),
+                   "rollout_backend": ("transformers", "vllm"), "vllm_mode": ("server", "colocate"),
+                   "vllm_sync": ("auto", "z", "merged"), "world_preset": ("default", "tiny"),
+                   "mask": ("identity", "sigmoid")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 
     def svf_config(self) -> SVFConfig:
         return SVFConfig(target_modules=self.target_modules, mask=self.mask, max_mult=self.max_mult,

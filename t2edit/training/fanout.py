@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from t2edit.data.records import EditRecord
-from t2edit.experts import CONFIG_NAME
+from t2edit.experts import CONFIG_NAME, Expert
 from t2edit.leakage import training_pools
 from t2edit.routing import annotate_expert
 from t2edit.setup import load_setup
@@ -43,6 +43,10 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
         model=None if setup.world_report is not None else setup.model_name))
     expert_dir = Path(run_dir) / "expert"
     if (expert_dir / CONFIG_NAME).exists():
+        found = [e["prompt"] for e in Expert.from_pretrained(expert_dir).info.edits]
+        if found != [r.prompt for r in chunk]:
+            raise ValueError(f"{expert_dir} holds an expert for other edits ({found[:1]} ...) than this run's "
+                             f"({chunk[0].prompt!r} ...); choose another output directory")
         return expert_dir
     config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
                      steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),

@@ -20,7 +20,9 @@ and its vLLM client for GPU rollouts.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import time
@@ -30,11 +32,13 @@ from pathlib import Path
 import torch
 
 from rewards import RewardSet
+from t2edit.batching import check_fits_context
 from t2edit.data.records import EditRecord
 from t2edit.experts import Expert, ExpertInfo
-from t2edit.files import atomic_write
+from t2edit.files import atomic_write, atomic_write_json
 from t2edit.plots import plot_curves
 from t2edit.precision import autocast_context
+from t2edit.runs import KEY_NAME, check_run_key, digest, run_lock
 from t2edit.rollouts import HFRollouts, greedy_answers
 from t2edit.routing.embedding import calibrate_own_router
 from t2edit.svf import SVFModel, model_bypassed
@@ -42,6 +46,7 @@ from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
 from t2edit.training.objective import group_advantages, make_scheduler, score_rows, sequence_logprobs
 
+log = logging.getLogger("t2edit")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -63,6 +68,8 @@ class SVFTrainer:
         if config.objective not in ("reinforce", "ce"):
             raise ValueError(f"objective={config.objective!r}; choose reinforce (the product's) or ce (supervised "
                              f"cross-entropy on the target, the reference it is measured against)")
+        check_fits_context(model, tokenizer, [(f"record {r.index}'s edit", f"{r.prompt} {max(r.target_new, key=len)}")
+                                              for r in edits], 2)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
@@ -272,16 +279,38 @@ class SVFTrainer:
         return prompts
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    def run_key(self) -> dict:
+        """What this run's result depends on: the edits, the base model and every setting that changes the outcome
+        (not where it writes, how often it saves, or how it reports)."""
+        bookkeeping = {"output_dir", "progress", "resume", "report_to", "wandb_project", "save_every",
+                       "vllm_server_url", "vllm_gpu_memory_utilization", "rows_per_chunk", "reference_batch"}
+        settings = {k: v for k, v in asdict(self.config).items() if k not in bookkeeping}
+        return {"edits": digest([(r.prompt, list(r.target_new)) for r in self.edits]),
+                "base_model": self.model.base_fingerprint, **settings}
+
     def train(self) -> Expert:
+        lock = run_lock(self.output_dir) if self.is_main else contextlib.nullcontext()
+        with lock:
+            return self._train()
+
+    def _train(self) -> Expert:
         from tqdm.auto import tqdm
 
         config = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.output_dir / CHECKPOINT_NAME
         if config.resume:
+            if not checkpoint.exists():
+                raise FileNotFoundError(f"--resume: {self.output_dir} holds no {CHECKPOINT_NAME} to continue; drop "
+                                        f"--resume to start a new run there")
+            check_run_key(self.output_dir, self.run_key(), "training run")
             self.load_checkpoint()
-        elif (self.output_dir / CHECKPOINT_NAME).exists():
+            log.info("resuming %s from step %d", self.output_dir, self.step)
+        elif checkpoint.exists():
             raise FileExistsError(f"{self.output_dir} holds a checkpoint of an earlier run; pass --resume to "
                                   f"continue it or choose another output_dir")
+        elif self.is_main:
+            atomic_write_json(self.output_dir / KEY_NAME, self.run_key())
         self.rollouts.sync_weights(full=True)  # a vLLM sampler starts from the policy's z (fresh or resumed)
         tracker = _start_wandb(config) if self.is_main else None
         metrics_path = self.output_dir / METRICS_NAME
@@ -338,7 +367,15 @@ class SVFTrainer:
         path = self.output_dir / CHECKPOINT_NAME
         if not path.exists():
             return  # --resume on a fresh directory starts from step 0
-        state = torch.load(path, weights_only=True)
+        try:
+            state = torch.load(path, weights_only=True)
+            missing = [k for k in ("step", "z", "optimizer", "torch_rng", "python_rng") if k not in state]
+        except Exception as error:  # truncated, bit-flipped or not a checkpoint at all
+            raise ValueError(f"{path} is damaged ({type(error).__name__}); remove it to start over, or restore "
+                             f"it") from None
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}; it is not a t2edit checkpoint — remove it to "
+                             f"start over")
         self.model.set_z(state["z"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:
@@ -352,9 +389,17 @@ class SVFTrainer:
         # Metrics logged after this checkpoint by the killed run are dropped so the log has each step once.
         metrics_path = self.output_dir / METRICS_NAME
         if metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+            atomic_write(metrics_path, "".join(line + "\n" for line in metrics_path.read_text().splitlines()
+                                               if _step_of(line) is not None and _step_of(line) <= self.step))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None for a torn or foreign one (a kill mid-write leaves half a line)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _group_chunks(index: list[int], group_of: list[int], size: int) -> list[list[int]]:
