@@ -198,6 +198,7 @@ class Expert:
     # -- use --------------------------------------------------------------------------------------------------
     def check_compatible(self, model: SVFModel):
         """Refuse (ExpertMismatchError) a model this expert was not trained for, and z that does not fit it."""
+        check_z(self.z, f"expert {self.info.name or '(in memory)'}")
         if model.base_fingerprint != self.base_fingerprint:
             raise ExpertMismatchError(
                 f"this expert was trained on base model {self.base_model_name or '?'} (fingerprint "

@@ -365,7 +365,7 @@ def test_save_records_replaces_an_existing_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- real data
-@pytest.mark.skipif(not REAL_KNOWEDIT.exists(), reason="shared KnowEdit data not present")
+@pytest.mark.skipif(not REAL_KNOWEDIT.exists(), reason="KnowEdit train_cf.json not found (it is not part of the project)")
 def test_real_knowedit_first_50_records():
     stats = LoadStats()
     records = load_records(REAL_KNOWEDIT, limit=50, stats=stats)

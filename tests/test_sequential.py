@@ -74,7 +74,7 @@ def test_experts_trained_in_worker_processes_fit_the_main_model(world_dir, tmp_p
         svf.unload()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_weight_fingerprint_is_the_same_on_the_gpu_and_on_the_cpu():
     """Experts trained by one-thread CPU workers are applied to the same weights on a GPU: the fingerprint that
     checks they belong together must not depend on where, or with how many threads, it is computed."""

@@ -337,7 +337,7 @@ def test_cli_builds_and_reports(tmp_path, capsys):
     assert "nope.json" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not TRAIN_CF.is_file(), reason="shared KnowEdit data not present")
+@pytest.mark.skipif(not TRAIN_CF.is_file(), reason="KnowEdit train_cf.json not found (it is not part of the project)")
 def test_train_cf_targets_become_known_answers():
     records = load_records(TRAIN_CF, limit=200)
     fact_set = world_facts(records)

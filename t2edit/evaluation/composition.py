@@ -28,7 +28,7 @@ from t2edit.editors import ExpertsEditor
 from t2edit.evaluation.report import write_results
 from t2edit.evaluation.runner import MethodResult, evaluate_editor
 from t2edit.experts import Expert, ExpertInfo, OwnRouter
-from t2edit.files import atomic_write_json
+from t2edit.files import atomic_write, atomic_write_json
 from t2edit.leakage import router_negatives
 from t2edit.plots import plot_curves
 from t2edit.routing import AdaptiveModel, FixedRouter, annotate_expert, encode, get_router, last_states, threshold_above
@@ -146,7 +146,7 @@ def run_composition(setup, ks: Sequence[int], out_dir: str, routers: Sequence[st
             results.append(_tag(_score(editor, setup, edits, [c for c, *_ in cross], batch_size, progress), k, label))
             log.info("%s: %.1f s", label, time.perf_counter() - started)
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            Path(out_dir, f"rows-k{k}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1))
+            atomic_write_json(Path(out_dir, f"rows-k{k}.json"), [r.to_dict() for r in results])
     return write_composition(out_dir, title or f"{setup.model_name}: {n} edits composed from K experts")
 
 
@@ -157,7 +157,7 @@ def write_composition(out_dir: str, title: str = "composition"):
         results += [MethodResult(**row) for row in json.loads(path.read_text())]
     write_results(results, out_dir, title=title)
     table = composition_table(results)
-    Path(out_dir, "composition.md").write_text(table + "\n")
+    atomic_write(Path(out_dir, "composition.md"), table + "\n")
     log.info("composition\n%s", table)
     return results
 

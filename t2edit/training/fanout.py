@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from t2edit.data.records import EditRecord
 from t2edit.experts import CONFIG_NAME, Expert
 from t2edit.leakage import training_pools
-from t2edit.routing import annotate_expert
 from t2edit.setup import load_setup
 from t2edit.svf import apply_svf
 from t2edit.training.config import TrainConfig, apply_preset
@@ -56,8 +55,8 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     pool, subject = training_pools(setup, edited, chunk)
     svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
     try:
+        # The trainer records each edit's prompt, subject and target in the expert (what the scope routers read).
         expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject).train()
-        annotate_expert(expert, chunk)
         expert.save_pretrained(expert_dir)
     finally:
         svf_model.unload()
