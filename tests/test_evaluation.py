@@ -477,7 +477,9 @@ def test_forward_accepts_and_left_pad_and_device_helpers():
     assert accepts(SimpleNamespace(forward=lambda input_ids, position_ids=None: 0), "position_ids")
     assert not accepts(SimpleNamespace(forward=lambda input_ids, attention_mask=None: 0), "position_ids")
     assert accepts(SimpleNamespace(forward=lambda input_ids, **kw: 0), "logits_to_keep")
-    ids_, mask = metrics_module._left_pad([[7, 8, 9], [4], []], pad_id=0, device="cpu")
+    from t2edit.batching import left_pad
+
+    ids_, mask = left_pad([[7, 8, 9], [4], []], pad_id=0, device="cpu")
     assert ids_.dtype == mask.dtype == torch.long
     assert ids_.tolist() == [[7, 8, 9], [0, 0, 4], [0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]

@@ -202,7 +202,9 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
     experts continues there."""
     experts_dir = Path(experts_dir or Path(out_dir) / "experts-single")
     with run_lock(out_dir):
-        check_run_key(experts_dir, many_experts_key(setup, base_config), "sequential run")
+        # The experts directory may be shared by runs of one edited set; each expert there is checked against the
+        # edits it is reused for (`t2edit.training.train_one_expert`).
+        check_run_key(out_dir, many_experts_key(setup, base_config), "sequential run")
         return _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline,
                            sizes, experts_dir)
 
