@@ -29,6 +29,11 @@ def digest(values) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def edits_digest(records) -> str:
+    """The fingerprint of a set of edits in order: their prompts and new targets."""
+    return digest([(r.prompt, list(r.target_new)) for r in records])
+
+
 def check_run_key(directory: str | Path, key: dict, what: str = "run") -> None:
     """Write `key` to directory/run.json, or refuse (RunConflictError) if the directory holds a run with another
     key. The message names each setting that differs."""
@@ -94,4 +99,4 @@ def run_lock(directory: str | Path) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["KEY_NAME", "LOCK_NAME", "RunConflictError", "check_run_key", "digest", "run_lock"]
+__all__ = ["KEY_NAME", "LOCK_NAME", "RunConflictError", "check_run_key", "digest", "edits_digest", "run_lock"]

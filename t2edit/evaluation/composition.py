@@ -32,7 +32,7 @@ from t2edit.files import atomic_write, atomic_write_json
 from t2edit.leakage import router_negatives
 from t2edit.plots import plot_curves
 from t2edit.routing import AdaptiveModel, FixedRouter, annotate_expert, encode, get_router, last_states, threshold_above
-from t2edit.runs import check_run_key, digest, run_lock
+from t2edit.runs import check_run_key, digest, edits_digest, run_lock
 from t2edit.svf import apply_svf, model_fingerprint
 from t2edit.training import expert_run_dir, train_experts, trained_experts
 
@@ -43,7 +43,7 @@ ROW_ROUTERS = ("oracle", "embedding", "scope", "scope-split", "hybrid", "classif
 def many_experts_key(setup, base_config=None) -> dict:
     """What the experts of a composition or sequential run depend on: the edited records in order, what they learn
     from (the other records and facts), the base model and the training settings."""
-    return {"edits": digest([(r.prompt, list(r.target_new)) for r in setup.edits]),
+    return {"edits": edits_digest(setup.edits),
             "learning_pool": digest([r.prompt for r in setup.other_records] + list(setup.extra_neighbour_prompts)),
             "base_model": model_fingerprint(setup.model),
             "train_config": digest(asdict(base_config)) if base_config is not None else "preset"}

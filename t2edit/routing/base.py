@@ -45,11 +45,15 @@ def expert_edits(model) -> list[list[dict]]:
     return [list(expert.info.edits) for expert in model.experts]
 
 
+def edit_entries(records) -> list[dict]:
+    """Each edit as an expert records it: its prompt, subject and target (never an evaluation prompt)."""
+    return [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in records]
+
+
 def annotate_expert(expert, records) -> None:
-    """Record each edit's subject, prompt and target in the expert's info (what the scope / cem / prompt routers
-    read). Only the edit itself is written: never an evaluation prompt."""
-    expert.info.edits = [{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in records]
+    """Record each edit in the expert's info (what the scope / cem / prompt routers read)."""
+    expert.info.edits = edit_entries(records)
 
 
-__all__ = ["ExpertRouter", "THRESHOLD_CAP", "annotate_expert", "expert_edits", "names_its_subject",
+__all__ = ["ExpertRouter", "THRESHOLD_CAP", "annotate_expert", "edit_entries", "expert_edits", "names_its_subject",
            "one_hot_choice", "threshold_above"]

@@ -38,8 +38,9 @@ from t2edit.experts import Expert, ExpertInfo
 from t2edit.files import atomic_write, atomic_write_json
 from t2edit.plots import plot_curves
 from t2edit.precision import autocast_context
-from t2edit.runs import KEY_NAME, check_run_key, digest, run_lock
+from t2edit.runs import KEY_NAME, check_run_key, edits_digest, run_lock
 from t2edit.rollouts import HFRollouts, greedy_answers
+from t2edit.routing.base import edit_entries
 from t2edit.routing.embedding import calibrate_own_router
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
@@ -285,7 +286,7 @@ class SVFTrainer:
         bookkeeping = {"output_dir", "progress", "resume", "report_to", "wandb_project", "save_every",
                        "vllm_server_url", "vllm_gpu_memory_utilization", "rows_per_chunk", "reference_batch"}
         settings = {k: v for k, v in asdict(self.config).items() if k not in bookkeeping}
-        return {"edits": digest([(r.prompt, list(r.target_new)) for r in self.edits]),
+        return {"edits": edits_digest(self.edits),
                 "base_model": self.model.base_fingerprint, **settings}
 
     def train(self) -> Expert:
@@ -344,7 +345,7 @@ class SVFTrainer:
                                       self.calibration_negatives(), config.route_margin)
         info = ExpertInfo(name=self.output_dir.name, steps=self.step, data=config.data, train_config=asdict(config),
                           # the edits with their subjects: what the scope routers key on
-                          edits=[{"prompt": r.prompt, "subject": r.subject, "target": r.target} for r in self.edits])
+                          edits=edit_entries(self.edits))
         expert = Expert.from_model(self.model, router=router, info=info, edit_prompts=[r.prompt for r in self.edits],
             learned_prompts=self.neighbour_prompts + self.subject_prompts)  # trained on; calibrated on a sample
         if self.is_main:
