@@ -75,8 +75,11 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> argparse.ArgumentPa
                           help="training split: IKE demonstrations, SVF neighbours and router negatives come from "
                                "it (default: the records of --data that are not edited)")
     evaluate.add_argument("--start", type=int, default=0, help="index of the first edited record")
-    evaluate.add_argument("--mode", choices=["batch", "single"], default="batch",
-                          help="batch: all edits at once; single: edit, score, restore per record")
+    evaluate.add_argument("--mode", choices=["batch", "single", "sequential"], default="batch",
+                          help="batch: all edits at once; single: edit, score, restore per record; sequential: "
+                               "edit after edit without restoring (--chunk per call), then score them all")
+    evaluate.add_argument("--chunk", type=int, default=1,
+                          help="--mode sequential: edits per call of the editor (1: one at a time)")
     evaluate.add_argument("--no-fluency", action="store_true", help="skip the fluency generations")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of stopping")
     evaluate.add_argument("--out", default="runs/eval", help="output directory")
@@ -184,10 +187,13 @@ def _eval(args):
     many = bool(args.composition or args.sequential)
     if many:
         ignored = [flag for flag, given in (("--method", args.method != ["none"]), ("--expert", args.expert),
-                                            ("--mode", args.mode != "batch")) if given]
+                                            ("--mode", args.mode != "batch"), ("--chunk", args.chunk != 1))
+                   if given]
         if ignored:
             raise ValueError(f"{', '.join(ignored)} do(es) not apply to --composition / --sequential, which train "
                              f"their own single-method experts; drop it")
+    elif args.chunk != 1 and args.mode != "sequential":
+        raise ValueError("--chunk applies to --mode sequential; drop it or add --mode sequential")
     elif args.workers != 1:
         raise ValueError("--workers applies to --sequential; drop it or add --sequential")
     if args.router is not None and not many and len(args.router) != 1:
@@ -199,7 +205,7 @@ def _eval(args):
                          routers=args.router, workers=args.workers)
     else:
         run_eval(setup, args.method, args.out, expert_dir=args.expert, mode=args.mode, fluency=not args.no_fluency,
-                 router=args.router[0] if args.router else None)
+                 router=args.router[0] if args.router else None, chunk_size=args.chunk)
 
 
 def _infer(args):

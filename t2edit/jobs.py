@@ -76,7 +76,7 @@ def svf_router(setup: EditingSetup, methods: Sequence[str], router: str | None) 
 
 def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: str | None = None,
              mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True,
-             router: str | None = None):
+             router: str | None = None, chunk_size: int = 1):
     """Score `methods` on `setup` and write the table. `router`: what picks the prompts two-pass SVF applies its
     expert to, a `t2edit.routing` name or "own" (the expert's own router); None: the default (`svf_router`)."""
     router = svf_router(setup, methods, router)
@@ -91,7 +91,7 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
         # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
         batch_size = 64 if setup.world_report is not None else 16
         result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
-                                 progress=progress, batch_size=batch_size)
+                                 progress=progress, batch_size=batch_size, chunk_size=chunk_size)
         results.append(result)
     write_results(results, out_dir, title=title or f"{setup.model_name}: {len(setup.edits)} edits, {mode} mode")
     log.info("results\n%s", format_table(results))

@@ -282,6 +282,57 @@ def test_batch_and_single_mode_edit_calls(tokenizer, taught, mode, expected_call
     assert set(editor.context_prompts) == scored
 
 
+class StackingEditor(Editor):
+    """A sequential editor that records which model each call edited and the order of the restores."""
+
+    name = "stacking"
+    sequential = True
+
+    def __init__(self):
+        self.calls: list[tuple[int, torch.nn.Module]] = []  # (records in the call, the model it was given)
+        self.restored: list[int] = []
+        self.returned: list[torch.nn.Module] = []
+
+    def edit(self, model, tokenizer, records):
+        call = len(self.calls)
+        self.calls.append((len(records), model))
+        self.returned.append(copy.deepcopy(model))  # another module than it was given, as a wrapper is
+        return EditedModel(model=self.returned[-1], restore=lambda: self.restored.append(call))
+
+
+def test_sequential_mode_edits_chunk_after_chunk_and_restores_last_first(tokenizer, taught):
+    editor = StackingEditor()
+    records = records_for_protocol()
+    result = evaluate_editor(editor, taught, tokenizer, records, mode="sequential", chunk_size=2, fluency=False,
+                             progress=False)
+    assert [n for n, _ in editor.calls] == [2, 1]
+    assert editor.calls[0][1] is taught
+    assert editor.calls[1][1] is editor.returned[0]  # the second call edits the model the first call returned
+    assert editor.restored == [1, 0]
+    assert result.mode == "sequential" and result.n_records == 3
+
+
+def test_sequential_mode_accumulates_ft_edits_and_restores_exactly(tokenizer, taught):
+    from t2edit.editors import FTEditor, FTEditorConfig
+
+    model = copy.deepcopy(taught)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    records = records_for_protocol()
+    editor = FTEditor(FTEditorConfig(lr=5e-2, steps=30, stop_loss=None))
+    batch = evaluate_editor(editor, model, tokenizer, records[:1], mode="batch", fluency=False, progress=False)
+    stream = evaluate_editor(editor, model, tokenizer, records, mode="sequential", fluency=False, progress=False)
+    assert batch.edit_success == 1.0
+    # the first record stays edited while the later two are made on top of it (scored after all three)
+    assert stream.edit_success > 0.5
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_sequential_mode_refuses_an_editor_whose_edits_replace_each_other(tokenizer, taught):
+    with pytest.raises(EvaluationInputError, match="counting.*does not edit sequentially"):
+        evaluate_editor(CountingEditor(), taught, tokenizer, records_for_protocol(), mode="sequential",
+                        fluency=False, progress=False)
+
+
 def test_aggregation_is_knowedits_per_record_then_per_kind():
     per_record = [{"reasoning": [1.0, 0.0], "subject_aliasing": [1.0]}, {}, {"reasoning": [0.0]}]
     # record 0: mean(0.5, 1.0) = 0.75; record 1 has no key; record 2: 0.0 -> mean 0.375 (pooled would be 0.5)

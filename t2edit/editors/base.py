@@ -31,6 +31,10 @@ class Editor(ABC):
     never `record.scored_prompts()` (the evaluation's locality/portability/rephrase prompts)."""
 
     name: str = "editor"
+    # True: edit() may be called again on the `EditedModel.model` of an earlier call, before that call's
+    # restore(), and each call adds its edits to the ones already made (a lifelong stream). The caller then
+    # restores last-first, and each restore() undoes only its own call's edits.
+    sequential: bool = False
 
     @abstractmethod
     def edit(self, model: torch.nn.Module, tokenizer, records: list[EditRecord]) -> EditedModel: ...

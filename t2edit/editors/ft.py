@@ -45,6 +45,7 @@ class FTEditor(Editor):
     """Only one weight matrix changes; restore() copies its saved original back."""
 
     name = "ft"
+    sequential = True  # each call trains the matrix further from where the last left it, and saves that state
 
     def __init__(self, config: FTEditorConfig | None = None):
         self.config = config or FTEditorConfig()

@@ -3,7 +3,10 @@
 Protocol. Pre-edit references (argmax answer tokens and greedy answers of the unedited model on every locality
 probe) are computed once per model and reused by every later call with the same model and probes. Then
 - mode="batch": `editor.edit(model, tokenizer, records)` once, score every record, `restore()`;
-- mode="single": for each record, edit with [record], score that record, restore (EasyEdit's protocol).
+- mode="single": for each record, edit with [record], score that record, restore (EasyEdit's protocol);
+- mode="sequential": edit chunk after chunk (`chunk_size` records per call) without restoring in between, as a
+  deployed model is corrected one edit after the other; then score every record on the model that holds them all
+  and restore last-first. Only editors with `sequential = True` take it.
 Every scored input is `edited.context(prompt) + prompt` run on `edited.model`. After each restore the base model's
 logits on the edit prompt are compared with those from before the edit, so a broken `restore()` cannot leak one
 method's edit into the next method's numbers.
@@ -211,17 +214,51 @@ def _by_kind(tables, family: str) -> dict[str, dict[str, float | int | None]]:
 
 # ---------------------------------------------------------------------------------------------- the runner
 
+MODES = ("batch", "single", "sequential")
+
+
+def _edit_in_sequence(editor: Editor, model, tokenizer, records: list[EditRecord], chunk_size: int) -> EditedModel:
+    """Edit chunk after chunk, each call on the model the previous one returned; one restore undoes them all,
+    last-first. The scored context is the last call's (a sequential editor's context covers every edit so far)."""
+    calls: list[EditedModel] = []
+    try:
+        current = model
+        for start in range(0, len(records), chunk_size):
+            edited = editor.edit(current, tokenizer, records[start: start + chunk_size])
+            if not isinstance(edited, EditedModel):
+                raise M.EvaluationInputError(f"editor {editor.name!r} returned {type(edited).__name__} from edit(); "
+                                             "it must return t2edit.editors.EditedModel")
+            calls.append(edited)
+            current = edited.model
+    except BaseException:
+        for edited in reversed(calls):
+            edited.restore()
+        raise
+
+    def restore_all() -> None:
+        for edited in reversed(calls):
+            edited.restore()
+
+    return EditedModel(model=calls[-1].model, context=calls[-1].context, restore=restore_all)
+
+
 def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: Sequence[EditRecord],
                     mode: str = "batch", batch_size: int = M.DEFAULT_BATCH_SIZE, fluency: bool = True,
                     progress: bool = True, *, fluency_max_new_tokens: int = 100, seed: int = 0,
-                    restore_tolerance: float = 1e-3) -> MethodResult:
-    """Edit `model` with `editor` (all records at once, or one at a time), score every record, restore."""
-    if mode not in ("batch", "single"):
-        raise M.EvaluationInputError(f"mode must be 'batch' or 'single', got {mode!r}")
+                    restore_tolerance: float = 1e-3, chunk_size: int = 1) -> MethodResult:
+    """Edit `model` with `editor` (all records at once, one at a time, or in sequence), score every record,
+    restore."""
+    if mode not in MODES:
+        raise M.EvaluationInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     records = list(records)
     if not records:
         raise M.EvaluationInputError("evaluate_editor got no records; load some with t2edit.data first")
     name = getattr(editor, "name", type(editor).__name__)
+    if mode == "sequential" and not getattr(editor, "sequential", False):
+        raise M.EvaluationInputError(f"method {name!r} does not edit sequentially (its edits replace each other); "
+                                     "use mode batch or single for it")
+    if chunk_size < 1:
+        raise M.EvaluationInputError(f"chunk_size must be at least 1 edit per call, got {chunk_size}")
     started = time.perf_counter()
     jobs, skipped = _collect_jobs(records)
     try:  # the scored text plus the strict metrics' greedy budget must fit what the model reads
@@ -231,24 +268,25 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
     except ValueError as error:
         raise M.EvaluationInputError(str(error)) from None
     locality_jobs = [j for mine in jobs for j in mine if j.family == "locality"]
-    refs = _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode == "batch")
+    refs = _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode != "single")
     pre_edit_seconds = time.perf_counter() - started
 
-    groups = [list(range(len(records)))] if mode == "batch" else [[i] for i in range(len(records))]
-    inner_progress = progress and mode == "batch"
+    groups = [[i] for i in range(len(records))] if mode == "single" else [list(range(len(records)))]
+    inner_progress = progress and mode != "single"
     scored: list[tuple[_Job, float, float]] = []
     fluency_bits: list[float] = []
     edit_seconds = 0.0
-    for group in tqdm(groups, desc=f"{name}: edit, score, restore", disable=not progress or mode == "batch"):
+    for group in tqdm(groups, desc=f"{name}: edit, score, restore", disable=not progress or mode != "single"):
         edit_records = [records[i] for i in group]
         guard_prompt = edit_records[0].prompt
         before = _prompt_logits(model, tokenizer, guard_prompt)
         t0 = time.perf_counter()
-        edited = editor.edit(model, tokenizer, edit_records)
+        edited = (_edit_in_sequence(editor, model, tokenizer, edit_records, chunk_size) if mode == "sequential"
+                  else editor.edit(model, tokenizer, edit_records))
         edit_seconds += time.perf_counter() - t0
         if not isinstance(edited, EditedModel):
             raise M.EvaluationInputError(f"editor {name!r} returned {type(edited).__name__} from edit(); "
-                                         "it must return t2edit.editing.EditedModel")
+                                         "it must return t2edit.editors.EditedModel")
         try:
             scored += _score_jobs(edited, tokenizer, [j for i in group for j in jobs[i]], refs, batch_size,
                                   inner_progress)
