@@ -400,7 +400,7 @@ def test_fluency_is_reported_on_easyedits_scale(tokenizer, taught):
 
 def test_bad_inputs_give_clear_errors(tokenizer, taught):
     with pytest.raises(EvaluationInputError, match="mode"):
-        evaluate_editor(NoEdit(), taught, tokenizer, records_for_protocol(), mode="sequential")
+        evaluate_editor(NoEdit(), taught, tokenizer, records_for_protocol(), mode="stream")
     with pytest.raises(EvaluationInputError, match="no records"):
         evaluate_editor(NoEdit(), taught, tokenizer, [])
     with pytest.raises(EvaluationInputError, match="targets"):
@@ -435,6 +435,18 @@ def test_write_results_writes_three_files(tmp_path):
         ["svf", "87.5", "50.0", "–", "551.2", "100.0", "25.0", "–", "8", "12.3"]
     assert "Aggregation:" in md and "reasoning" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_leaves_out_metrics_no_method_has_and_takes_a_dozen_methods(tmp_path):
+    from t2edit.evaluation.report import plotted_metrics
+
+    without_fluency = [_result(f"method-{m}", fluency=None) for m in range(12)]
+    fields = [field for _, field, _ in plotted_metrics(without_fluency)]
+    assert "fluency" not in fields and "portability" not in fields  # no method has them: no empty panel
+    assert fields == ["edit_success", "locality", "edit_success_em", "locality_em"]
+    assert "fluency" in [field for _, field, _ in plotted_metrics(without_fluency + [_result("svf")])]
+    png = write_results(without_fluency, tmp_path, title="twelve methods")["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_format_table_lists_every_method():

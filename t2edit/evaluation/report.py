@@ -32,9 +32,11 @@ COLUMNS: list[tuple[str, Callable[[MethodResult], str]]] = [
     ("seconds", lambda r: _num(r.seconds)),
 ]
 
-# (label, field) of the rates in the plot; fluency has its own panel (another scale).
-_PLOTTED = [("Edit Succ.", "edit_success"), ("Locality", "locality"), ("Portability", "portability"),
-            ("ES (EM)", "edit_success_em"), ("Loc (EM)", "locality_em"), ("Port (EM)", "portability_em")]
+# (label, field, scale) of the plot's panels: rates in percent, fluency on its own scale.
+_PLOTTED = [("Edit Succ.", "edit_success", 100), ("Locality", "locality", 100), ("Portability", "portability", 100),
+            ("Fluency (x100 bits)", "fluency", 1), ("ES (EM)", "edit_success_em", 100),
+            ("Loc (EM)", "locality_em", 100), ("Port (EM)", "portability_em", 100)]
+_PANELS_PER_ROW = 4
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -66,27 +68,42 @@ def _notes(results: Sequence[MethodResult]) -> list[str]:
     ]
 
 
+def plotted_metrics(results: Sequence[MethodResult]) -> list[tuple[str, str, int]]:
+    """(label, field, scale) of each panel the plot draws: the metrics at least one method has."""
+    return [(label, field, scale) for label, field, scale in _PLOTTED
+            if any(getattr(r, field) is not None for r in results)]
+
+
 def _bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
+    """One panel per metric that any method has (a skipped fluency run draws no empty axis), methods as
+    horizontal bars in table order, so a dozen methods stay legible; a method without the metric shows "–"."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(8.0, 1.6 * len(_PLOTTED) + 0.4 * len(results)), 4.5), layout="constrained")
+    panels = plotted_metrics(results)
+    n_rows = max(1, -(-len(panels) // _PANELS_PER_ROW))
+    n_cols = min(_PANELS_PER_ROW, max(1, len(panels)))
+    fig = Figure(figsize=(3.2 * n_cols + 1.2, (0.28 * len(results) + 1.0) * n_rows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
-    rates, flu = fig.subplots(1, 2, width_ratios=[4, 1])
-    width = 0.8 / max(1, len(results))
-    for m, result in enumerate(results):
-        values = [100 * (getattr(result, f) or 0.0) for _, f in _PLOTTED]
-        xs = [i + (m - (len(results) - 1) / 2) * width for i in range(len(_PLOTTED))]
-        rates.bar(xs, values, width, label=result.method)
-        flu.bar([m], [result.fluency or 0.0], 0.6, color=f"C{m}")
-    rates.set_xticks(range(len(_PLOTTED)), [label for label, _ in _PLOTTED])
-    rates.set_ylim(0, 105)
-    rates.set_ylabel("%")
-    rates.set_title(title)
-    rates.legend(fontsize="small", ncols=min(6, max(1, len(results))), loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    flu.set_xticks(range(len(results)), [r.method for r in results], rotation=45, ha="right")
-    flu.set_title("Fluency (×100 bits)")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    names = [r.method for r in results]
+    rows = range(len(results))
+    for axis, (label, field, scale) in zip(axes, panels):
+        values = [getattr(r, field) for r in results]
+        axis.barh(rows, [scale * (v or 0.0) for v in values], color=[f"C{m % 10}" for m in rows])
+        top = 105 if scale == 100 else 1.15 * max(scale * (v or 0.0) for v in values)
+        for m, value in zip(rows, values):
+            text = "–" if value is None else f"{scale * value:.0f}" if scale == 100 else f"{value:.0f}"
+            axis.text(scale * (value or 0.0) + top * 0.01, m, text, va="center", fontsize="x-small")
+        axis.set_xlim(0, top)
+        axis.set_yticks(rows, names if axis in axes[::n_cols] else [""] * len(names), fontsize="small")
+        axis.invert_yaxis()
+        axis.set_title(label, fontsize="medium")
+        axis.grid(axis="x", alpha=0.3)
+    for axis in axes[len(panels):]:
+        axis.set_visible(False)
+    fig.suptitle(title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
