@@ -1,7 +1,8 @@
-"""The settings FT-M and LoRA get for each kind of model, read from configs/editors/<method>.yaml.
+"""The settings each trained editor gets for each kind of model, read from configs/editors/<method>.yaml.
 
 One set of hyperparameters does not fit all (EasyEdit's FT-M moves a hidden-64 fact world not at all, and its LoRA
-keeps little locality on a 135M model), so each file holds one profile per kind of model:
+keeps little locality on a 135M model), so each file holds one profile per kind of model. `depth` / `depths` give
+edited layers as fractions of the decoder stack, turned into `layer` / `layers` for the model at hand:
 
 - `world`: t2edit's own fact worlds;
 - `small-real`: a real model under 1B parameters (tuned on training-split records only);
@@ -38,14 +39,21 @@ def profile(method: str, name: str) -> dict:
     return dict(profiles[name] or {})
 
 
+def layer_at(depth: float, n_layers: int) -> int | None:
+    """The decoder layer at `depth` (a fraction of the stack, so one profile carries to other layer counts)."""
+    return min(round(depth * n_layers), n_layers - 1) if n_layers else None
+
+
 def editor_config(method: str, model: torch.nn.Module, world: bool):
     """The typed config (`FTEditorConfig` / `LoRAEditorConfig`) of `method` for `model`."""
     options = profile(method, profile_name(model, world))
-    depth = options.pop("depth", None)
-    if depth is not None:
-        n_layers = len(mlp_output_layers(model))
-        # A model whose MLP output FT-M cannot find keeps layer None: FT-M then names the fix when it edits.
-        options["layer"] = min(round(depth * n_layers), n_layers - 1) if n_layers else None
+    n_layers = len(mlp_output_layers(model))
+    # A model whose MLP outputs cannot be found keeps layer None: the editor then names the fix when it edits.
+    if "depth" in options:
+        options["layer"] = layer_at(options.pop("depth"), n_layers)
+    if "depths" in options:
+        options["layers"] = tuple(sorted({layer_at(depth, n_layers) for depth in options.pop("depths")})) \
+            if n_layers else None
     try:
         return CONFIG_CLASSES[method](**options)
     except TypeError as error:
