@@ -181,6 +181,7 @@ def _train(args):
 
 
 def _eval(args):
+    from t2edit.distributed import processes
     from t2edit.jobs import run_eval, run_many_experts
     from t2edit.setup import load_setup
 
@@ -198,6 +199,8 @@ def _eval(args):
         raise ValueError("--workers applies to --sequential; drop it or add --sequential")
     if args.router is not None and not many and len(args.router) != 1:
         raise ValueError("--router takes one router for method svf (a list only with --composition / --sequential)")
+    # Under `accelerate launch`: join the launch before loading, so that "cuda" means this process's own GPU.
+    processes()
     setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data,
                        skip_bad=args.skip_bad)
     if many:

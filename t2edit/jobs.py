@@ -6,8 +6,10 @@ evaluation → table. Progress goes to the "t2edit" logger; the CLI prints it as
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +17,8 @@ from typing import Sequence
 import torch
 
 from t2edit.data.loaders import load_records
-from t2edit.editors import METHODS, get_editor
+from t2edit.distributed import processes
+from t2edit.editors import CONFIGURED, LEARNS_FROM_TRAINING_SPLIT, get_editor
 from t2edit.editors.settings import editor_config
 from t2edit.evaluation import evaluate_editor, format_table, write_results
 from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
@@ -27,9 +30,12 @@ from t2edit.routing import AUTOMATIC, OWN_ROUTER, ROUTERS, default_router
 from t2edit.setup import EditingSetup, load_setup
 from t2edit.svf import apply_svf
 from t2edit.training import SVFTrainer, TrainConfig, apply_preset
+from t2edit.training.sharding import fsdp_requested, local_fraction, shard_svf_model
 
 log = logging.getLogger("t2edit")
-DEMO_METHODS = tuple(METHODS)  # every method of the registry, in its order
+# The demo's rows: SVF and the quick baselines. The field's editors (rome, memit, alphaedit, grace, wise, serac) are
+# in the docs' tables; their key statistics and per-edit optimisation would more than double the demo's minutes.
+DEMO_METHODS = ("none", "svf", "svf-always", "lora", "ft", "ike", "prompt")
 
 
 def train_config_for(setup: EditingSetup, **overrides) -> TrainConfig:
@@ -47,10 +53,12 @@ def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None,
         return get_editor(method, config=config, expert_dir=expert_dir, neighbour_records=setup.other_records,
                           neighbour_prompts=setup.extra_neighbour_prompts, trained_experts=trained_experts,
                           router=router, router_negatives=negatives)
+    learns = {"train_records": setup.other_records} if method in LEARNS_FROM_TRAINING_SPLIT else {}
+    if method in CONFIGURED:  # settings by kind of model: fact world, small or large real model
+        return get_editor(method, config=editor_config(method, setup.model, world=setup.world_report is not None),
+                          **learns)
     if method == "ike":
-        return get_editor("ike", train_records=setup.other_records)
-    if method in ("ft", "lora"):  # settings by kind of model: fact world, small or large real model
-        return get_editor(method, config=editor_config(method, setup.model, world=setup.world_report is not None))
+        return get_editor("ike", **learns)
     return get_editor(method)
 
 
@@ -78,21 +86,30 @@ def run_eval(setup: EditingSetup, methods: list[str], out_dir: str, expert_dir: 
              mode: str = "batch", train_config=None, fluency: bool = True, title: str = "", progress=True,
              router: str | None = None, chunk_size: int = 1):
     """Score `methods` on `setup` and write the table. `router`: what picks the prompts two-pass SVF applies its
-    expert to, a `t2edit.routing` name or "own" (the expert's own router); None: the default (`svf_router`)."""
+    expert to, a `t2edit.routing` name or "own" (the expert's own router); None: the default (`svf_router`).
+
+    Under `accelerate launch --num_processes N` the records are split across the processes and the main process
+    writes the one table (`evaluate_editor`'s `procs`); an editor that trains (svf without --expert) trains in every
+    process, the others into a scratch directory."""
     router = svf_router(setup, methods, router)
     if expert_dir is not None and not {"svf", "svf-always"} & set(methods):
         raise ValueError("--expert is scored by methods svf / svf-always; add one of them to --method")
     if expert_dir:
         check_expert_may_score(Expert.from_pretrained(expert_dir).info, setup.edits, expert_dir)
     results, trained_experts = [], {}  # svf and svf-always score the same trained experts
-    for method in methods:
-        editor = make_editor(method, setup, expert_dir, train_config, out_dir, trained_experts, router)
-        log.info("evaluating %s on %d edits (%s mode)", method, len(setup.edits), mode)
-        # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
-        batch_size = 64 if setup.world_report is not None else 16
-        result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
-                                 progress=progress, batch_size=batch_size, chunk_size=chunk_size)
-        results.append(result)
+    procs = processes()
+    with contextlib.ExitStack() as stack:
+        editor_dir = out_dir if procs.is_main else stack.enter_context(tempfile.TemporaryDirectory())
+        for method in methods:
+            editor = make_editor(method, setup, expert_dir, train_config, editor_dir, trained_experts, router)
+            log.info("evaluating %s on %d edits (%s mode)", method, len(setup.edits), mode)
+            # Tiny world models score fastest in big batches; real models keep EasyEdit-sized ones.
+            batch_size = 64 if setup.world_report is not None else 16
+            result = evaluate_editor(editor, setup.model, setup.tokenizer, setup.edits, mode=mode, fluency=fluency,
+                                     progress=progress, batch_size=batch_size, chunk_size=chunk_size, procs=procs)
+            results.append(result)
+    if not procs.is_main:
+        return results
     write_results(results, out_dir, title=title or f"{setup.model_name}: {len(setup.edits)} edits, {mode} mode")
     log.info("results\n%s", format_table(results))
     log.info("wrote %s/results.json, results.md, results.png", out_dir)
@@ -120,13 +137,20 @@ def run_training(config: TrainConfig, accelerator=None):
     """Train one SVF expert as `config` says; returns (the Expert, also saved to output_dir/expert, the setup)."""
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
                        world_preset=config.world_preset, skip_bad=config.skip_bad)
-    if accelerator is not None:
+    # `accelerate launch --use_fsdp --fsdp_version 2`: the model is sharded across the processes once z's layers are
+    # in place (t2edit.training.sharding); fully_shard moves each process's shards to its device.
+    sharded = accelerator is not None and accelerator.num_processes > 1 and fsdp_requested()
+    if accelerator is not None and not sharded:
         setup.model.to(accelerator.device)
     others = list(setup.other_records)
     if config.neighbour_data:
         others += load_records(config.neighbour_data)
     pool = learning_pool(setup.edits, others, setup.extra_neighbour_prompts)
     model = apply_svf(setup.model, config.svf_config(), progress=config.progress)
+    if sharded:
+        shard_svf_model(model, accelerator)
+        log.info("FSDP2 across %d processes: process %d holds %.1f%% of the SVF factors", accelerator.num_processes,
+                 accelerator.process_index, 100 * local_fraction(model))
     rollouts = None
     if config.rollout_backend == "vllm":
         # Only this (single) process talks to vLLM; make_vllm_rollouts refuses a multi-process launch. The
@@ -142,7 +166,8 @@ def run_training(config: TrainConfig, accelerator=None):
     trainer = SVFTrainer(model, setup.tokenizer, setup.edits, pool.neighbour_prompts, config, rollouts=rollouts,
                          accelerator=accelerator, subject_prompts=pool.subject_prompts)
     expert = trainer.train()
-    model.unload()  # hand the base model back unchanged; the expert holds the edit
+    if not sharded:  # (a sharded model stays sharded)
+        model.unload()  # hand the base model back unchanged; the expert holds the edit
     return expert, setup
 
 

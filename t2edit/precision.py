@@ -65,7 +65,8 @@ def frozen_weights_cast(model: nn.Module):
     dtype = autocast_dtype(device)
     swapped: list[tuple[nn.Linear, nn.Parameter]] = []
     try:
-        if dtype is not None:
+        # A model sharded across processes (FSDP) casts its gathered weights by its own mixed-precision policy.
+        if dtype is not None and not getattr(model, "sharded", False):
             cache = model.__dict__.setdefault("_frozen_cast_cache", FrozenCastCache())
             for module in model.modules():
                 weight = getattr(module, "weight", None)

@@ -34,8 +34,10 @@ INSTALL_HINT = "pip install 't2edit[vllm]' (on a CUDA machine), or set rollout_b
 
 class Rollouts(Protocol):
     def sample(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int | list[int],
-               top_k: int = 0, top_p: float = 1.0) -> list[list[list[int]]]:
-        """For each prompt, n completions as token-id lists (`max_new_tokens`: one budget, or one per prompt)."""
+               top_k: int = 0, top_p: float = 1.0, seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """For each prompt, n completions as token-id lists (`max_new_tokens`: one budget, or one per prompt).
+        `seeds`: one per prompt; a prompt's draws then depend on its seed alone, not on the other prompts of the
+        call (samplers that cannot promise it may ignore them)."""
 
     def sync_weights(self, full: bool = False) -> None:
         """Make the sampler use the policy's current z (`full`: every layer, e.g. before step 1 or after a resume)."""
@@ -49,10 +51,18 @@ class HFRollouts:
         self.generated_tokens, self.generate_seconds = 0, 0.0
 
     @torch.no_grad()
-    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
+    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0, seeds=None):
+        """`seeds` (one per prompt): each completion draws its tokens from its own generator, seeded by the
+        prompt's seed and the completion's number, so what a prompt samples does not depend on which prompts share
+        its call, or its process (the data-parallel trainer relies on it)."""
         tokenizer, device = self.tokenizer, self.model.device
         budgets = per_prompt_budgets(max_new_tokens, len(prompts))
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         completions: list[list[int] | None] = [None] * (len(prompts) * n)
+        # A model sharded across processes (FSDP) all-gathers its weights in every forward: every process must run
+        # as many forwards as the others, so generation runs until all processes are done.
+        synced = {"synced_gpus": True} if getattr(self.model, "sharded", False) else {}
         started = time.perf_counter()
         # A call decodes as many steps as its longest budget: prompts are grouped by budget where that pays.
         step_cost = 32.0 if device.type == "cpu" else 1024.0  # a GPU step costs about the same for 1 or 1,000 rows
@@ -63,10 +73,14 @@ class HFRollouts:
                 batch = tokenizer([prompts[r // n] for r in chunk], return_tensors="pt", padding=True).to(device)
                 # Sampling from the policy (top-k / top-p truncation only when asked for), or greedy at temperature 0.
                 sampling = dict(do_sample=False)
+                steps = max(budgets[r // n] for r in chunk)
                 if temperature > 0:
-                    sampling["logits_processor"] = [TruncatedSampler(temperature, top_k, top_p)]
+                    uniforms = None if seeds is None else torch.stack(
+                        [keyed_uniforms(seeds[r // n], r % n, steps) for r in chunk])
+                    sampling["logits_processor"] = [TruncatedSampler(temperature, top_k, top_p, uniforms,
+                                                                     batch["input_ids"].shape[1])]
                 with frozen_weights_cast(self.model):
-                    output = self.model.generate(**batch, **sampling, max_new_tokens=max(budgets[r // n] for r in chunk),
+                    output = self.model.generate(**batch, **sampling, **synced, max_new_tokens=steps,
                                                  pad_token_id=tokenizer.pad_token_id,
                                                  eos_token_id=tokenizer.eos_token_id)
                 for r, ids in zip(chunk, output[:, batch["input_ids"].shape[1]:].tolist()):
@@ -94,10 +108,15 @@ class TruncatedSampler:
     greedy decoding emits it. Why: `generate`'s own sampler draws with `torch.multinomial` over the whole vocabulary
     (an exponential per entry: a sizeable share of a short generation on a CPU) even when top-k keeps 50."""
 
-    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    def __init__(self, temperature: float, top_k: int = 0, top_p: float = 1.0, uniforms: torch.Tensor | None = None,
+                 start: int = 0):
+        """`uniforms` [rows, steps] (with `start`, the prompt width): row r's token at step t is drawn by inverting
+        its distribution's CDF at uniforms[r, t] (its own random numbers, `keyed_uniforms`); None: torch's global
+        generator draws, as `torch.multinomial` does."""
         if temperature <= 0:
             raise ValueError(f"temperature={temperature}; sampling needs a temperature > 0 (0 means greedy)")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.uniforms, self.start = uniforms, start
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature
@@ -111,9 +130,20 @@ class TruncatedSampler:
         if self.top_p < 1.0:  # the smallest head of the sorted candidates whose mass reaches top_p (the first kept)
             outside = probs.cumsum(-1) - probs >= self.top_p
             probs = probs.masked_fill(outside, 0.0)
-        drawn = torch.multinomial(probs, 1)
+        if self.uniforms is None:
+            drawn = torch.multinomial(probs, 1)
+        else:  # the first token whose cumulative mass exceeds u · total (never a token of zero mass)
+            u = self.uniforms[:, input_ids.shape[1] - self.start].to(probs.device, probs.dtype)
+            cdf = probs.cumsum(-1)
+            drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
         token = candidates.gather(-1, drawn) if candidates is not None else drawn
         return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)
+
+
+def keyed_uniforms(seed: int, member: int, steps: int) -> torch.Tensor:
+    """The `steps` uniform numbers completion `member` of a prompt with `seed` draws its tokens from."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + member) % 2 ** 63)
+    return torch.rand(steps, generator=generator)
 
 
 def per_prompt_budgets(max_new_tokens: int | list[int], n_prompts: int) -> list[int]:
@@ -331,7 +361,9 @@ class VLLMRollouts:
         self.last_sync: dict = {}
         self.generated_tokens, self.generate_seconds = 0, 0.0
 
-    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0):
+    def sample(self, prompts, n, temperature, max_new_tokens, top_k=0, top_p=1.0, seeds=None):
+        # `seeds` are not used: vLLM samples with its own generator, and vLLM rollouts run in one training process
+        # (`check_single_process`), so no other process has to draw the same samples.
         budgets = per_prompt_budgets(max_new_tokens, len(prompts))
         started = time.perf_counter()
         flat = self.engine.generate(prompts, n, temperature, max(budgets, default=1), top_k=top_k, top_p=top_p)
@@ -479,5 +511,5 @@ def _free_port() -> int:
 
 
 __all__ = ["ColocateEngine", "HFRollouts", "greedy_answers", "Rollouts", "ServerEngine", "VLLMRollouts", "check_single_process",
-           "connect_server", "export_factors", "make_vllm_rollouts", "merged_svf_weights", "sync_bytes",
+           "connect_server", "export_factors", "keyed_uniforms", "make_vllm_rollouts", "merged_svf_weights", "sync_bytes",
            "trim_at_eos"]

@@ -290,6 +290,9 @@ class SVFLinear(nn.Module):
         # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
         self.weight_dtype = _weight_as_out_in(base_layer).dtype
         self.bypass = False  # True: run the original layer (the unedited model, e.g. for a KL reference)
+        # True once the factors are sharded across processes (FSDP, t2edit.training.sharding): every forward then
+        # goes through the factors gathered for it and keeps no W' or cast copy of them between forwards.
+        self.sharded = False
         # Two-pass inference (t2edit.routing): a callable (layer, x) -> output that gives each row of the batch its
         # own mixture of experts (or the original layer); it takes over the whole forward while set.
         self.row_plan = None
@@ -347,6 +350,8 @@ class SVFLinear(nn.Module):
         dtype = autocast_dtype(x.device) or (x.dtype if x.is_floating_point() else self.U.dtype)
         if dtype == self.U.dtype:
             return self.U, self.Vh
+        if self.sharded:
+            return self.U.to(dtype), self.Vh.to(dtype)
         cached = self._cast_factors
         if cached is None or cached[0] != dtype or cached[1] != self.U.device:
             cached = self._cast_factors = (dtype, self.U.device, self.U.to(dtype), self.Vh.to(dtype))
@@ -358,7 +363,7 @@ class SVFLinear(nn.Module):
         if self.row_plan is not None:
             return self.row_plan(self, x)
         bias = self.base_layer.bias
-        if torch.is_grad_enabled() and self.z.requires_grad:  # training: through the factors, no W' built
+        if self.sharded or (torch.is_grad_enabled() and self.z.requires_grad):  # through the factors, no W' built
             out = _SpectralLinear.apply(x, self.singular_values(), *self.factors_for(x), bias)
         else:
             out = x @ self.compute_weight(x).T
@@ -403,6 +408,7 @@ class SVFModel(nn.Module):
         self.svf_config = config
         self.layer_names = list(svf_layers)
         self.base_fingerprint = base_fingerprint
+        self.sharded = False  # weights and factors sharded across processes (t2edit.training.sharding)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

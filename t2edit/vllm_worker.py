@@ -14,6 +14,10 @@ vLLM mixes `SVFWorkerExtension` into its GPU worker when started with
    parameter names, which vLLM fuses into gate/up and q/k/v (`load_into_model_runner`: in place on CUDA, a
    layer-wise reload on vLLM's CPU backend).
 
+Under vLLM's tensor parallelism each rank holds a slice of every projection; `tp_split`, `tp_shard`, `shard_factors`
+and `recompose_shard` give the slice of W' a rank holds from that rank's slice of U or Vᵀ alone (tested on tensors
+split as vLLM splits them; the extension does not load slices into a live TP engine yet: docs/scale.md).
+
 This module imports only torch, safetensors and t2edit.svf, so it loads in any vLLM process.
 """
 from __future__ import annotations
@@ -139,6 +143,58 @@ def recompose(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tenso
     return (U * sigma.to(U.dtype)) @ Vh
 
 
+# Tensor parallelism: how vLLM cuts each projection of a Llama-style model across its TP ranks. Column-parallel
+# layers (ColumnParallelLinear, and the fused MergedColumnParallelLinear gate_up / QKVParallelLinear qkv, member by
+# member) keep a slice of the output rows of W (out, in); row-parallel ones (RowParallelLinear) a slice of its input
+# columns.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def tp_split(layer: str) -> str:
+    """"column" or "row": the dimension of W (out, in) vLLM splits for this HF layer name across TP ranks."""
+    projection = layer.rsplit(".", 1)[-1]
+    if projection in COLUMN_PARALLEL:
+        return "column"
+    if projection in ROW_PARALLEL:
+        return "row"
+    raise ValueError(f"{layer}: not a projection vLLM's tensor parallelism splits in a known way "
+                     f"({', '.join(COLUMN_PARALLEL + ROW_PARALLEL)})")
+
+
+def tp_shard(layer: str, rank: int, tp_size: int, num_kv_heads: int | None = None) -> tuple[int, int]:
+    """(which shard, how many) of `layer`'s split dimension TP rank `rank` holds. k/v projections with fewer
+    key/value heads than ranks are replicated as vLLM's QKVParallelLinear does: rank r holds head r // (size / heads)."""
+    projection = layer.rsplit(".", 1)[-1]
+    if projection in ("k_proj", "v_proj") and num_kv_heads is not None and num_kv_heads < tp_size:
+        if tp_size % num_kv_heads:
+            raise ValueError(f"{tp_size} TP ranks do not divide into {num_kv_heads} key/value heads")
+        return rank // (tp_size // num_kv_heads), num_kv_heads
+    return rank, tp_size
+
+
+def shard_factors(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, split: str, shard: int, shards: int):
+    """The factors one TP rank keeps to rebuild its own slice of W' = U diag(σ) Vᵀ: for a column split the rank's
+    rows of U (and all of Vᵀ), for a row split the rank's columns of Vᵀ (and all of U). s (and z) stay whole:
+    every slice scales the same singular values."""
+    if split == "column":
+        if U.shape[0] % shards:
+            raise ValueError(f"{U.shape[0]} output rows do not split into {shards} shards")
+        return U.chunk(shards, 0)[shard].contiguous(), s, Vh
+    if split == "row":
+        if Vh.shape[1] % shards:
+            raise ValueError(f"{Vh.shape[1]} input columns do not split into {shards} shards")
+        return U, s, Vh.chunk(shards, 1)[shard].contiguous()
+    raise ValueError(f"split {split!r}: column or row")
+
+
+def recompose_shard(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor, z: torch.Tensor, svf_config: dict,
+                    split: str, shard: int, shards: int) -> torch.Tensor:
+    """This TP rank's slice of W' (what vLLM's loader would narrow the full W' to), from its own factors only:
+    1/shards of the recompose arithmetic, and of U or Vᵀ in memory."""
+    return recompose(*shard_factors(U, s, Vh, split, shard, shards), z, svf_config)
+
+
 def reloads_layerwise(model) -> bool:
     """True where vLLM repacked the served weights after loading (its CPU backend hands linear weights to oneDNN and
     leaves empty parameters without weight loaders): new weights must then go through vLLM's layer-wise reload."""
@@ -226,5 +282,6 @@ class SVFWorkerExtension:
         return {"layers": count, "seconds": time.perf_counter() - started, "arrived": arrived, "left": time.time()}
 
 
-__all__ = ["SVFWorkerExtension", "ZReader", "ZWriter", "decode_z", "encode_z", "load_into_model_runner", "recompose",
-           "reloads_layerwise", "z_directory"]
+__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "SVFWorkerExtension", "ZReader", "ZWriter", "decode_z", "encode_z",
+           "load_into_model_runner", "recompose", "recompose_shard", "reloads_layerwise", "shard_factors", "tp_shard",
+           "tp_split", "z_directory"]

@@ -305,8 +305,12 @@ def test_registry_builds_each_method_and_names_the_choices(world):
     assert get_editor("ft", config=FTEditorConfig(layer=0)).config.layer == 0
     assert get_editor("ike", train_records=world["pool"], k=3).k == 3
     assert isinstance(get_editor("prompt"), PromptEditor)
+    assert get_editor("rome", layer=3).config.layer == 3
+    assert get_editor("serac", train_records=world["pool"]).train_records == list(world["pool"])
+    with pytest.raises(UnknownEditorError, match="no option.*train_records"):
+        get_editor("rome", train_records=world["pool"])  # ROME learns from no training split
     with pytest.raises(UnknownEditorError) as error:
-        get_editor("rome")
+        get_editor("mend")
     assert all(method in str(error.value) for method in METHODS)
     with pytest.raises(UnknownEditorError, match="no option.*rnak.*rank"):
         get_editor("lora", rnak=4)
@@ -395,8 +399,27 @@ def test_settings_follow_the_kind_of_model(world, tiny_tokenizer):
     assert editor_config("ft", _meta_llama(30, 64, 128), world=False).layer == 5  # SmolLM2's 30 layers
     assert editor_config("ft", _meta_llama(32, 4096, 11008), world=False).layer == 21  # EasyEdit's layer
     assert editor_config("lora", tiny_llama, world=False).lr == profile("lora", "small-real")["lr"]
-    with pytest.raises(ValueError, match="cover ft, lora"):
+    with pytest.raises(ValueError, match="cover lora, ft, rome, .*not .ike."):
         editor_config("ike", tiny_llama, world=False)
+
+
+def test_every_configured_method_has_every_profile_and_its_layers_follow_depth(world, tiny_tokenizer):
+    from t2edit.editors import CONFIGURED
+    from t2edit.editors.settings import PROFILES
+
+    smollm2_shape, llama7b_shape = _meta_llama(30, 64, 128), _meta_llama(32, 4096, 11008)
+    for method, (_, config_class) in CONFIGURED.items():
+        for name in PROFILES:
+            assert isinstance(profile(method, name), dict)  # the file has it (an empty profile is {})
+        for model, world_flag in ((world["model"], True), (smollm2_shape, False), (llama7b_shape, False)):
+            config = editor_config(method, model, world=world_flag)
+            assert isinstance(config, config_class)
+            n_layers = model.config.num_hidden_layers
+            for layer in [getattr(config, "layer", None), *(getattr(config, "layers", None) or ())]:
+                assert layer is None or 0 <= layer < n_layers
+    # EasyEdit's published layers come back on a 32-layer model: ROME 5, MEMIT 4-8
+    assert editor_config("rome", llama7b_shape, world=False).layer == 5
+    assert editor_config("memit", llama7b_shape, world=False).layers == (4, 5, 6, 7, 8)
 
 
 def test_make_editor_gives_world_and_real_models_their_own_settings(world, tiny_tokenizer):
@@ -412,6 +435,8 @@ def test_make_editor_gives_world_and_real_models_their_own_settings(world, tiny_
     assert (real_ft.config.lr, real_ft.config.layer, real_ft.config.precision) == (2e-3, 1, "auto")
     assert make_editor("lora", as_world).config == LoRAEditorConfig()
     assert make_editor("lora", as_real).config.steps == profile("lora", "small-real")["steps"]
+    # the editors that learn from the training split get the setup's records that are not edited
+    assert make_editor("serac", as_real).train_records == list(world["pool"])
 
 
 def test_real_model_ft_trains_only_its_named_layer_and_restores_exactly(world, tiny_tokenizer):

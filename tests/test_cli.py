@@ -17,8 +17,8 @@ def test_eval_with_a_missing_data_file_is_one_clear_error(tmp_path, capsys):
 
 def test_unknown_method_is_rejected(capsys):
     with pytest.raises(SystemExit):
-        main(["eval", "--method", "none,rome"])
-    assert "unknown method(s) ['rome']" in capsys.readouterr().err
+        main(["eval", "--method", "none,mend"])
+    assert "unknown method(s) ['mend']" in capsys.readouterr().err
 
 
 def test_train_with_a_missing_config_is_one_clear_error(tmp_path, capsys):

@@ -249,7 +249,7 @@ def test_the_check_reports_missing_paths_unknown_flags_and_unknown_config_keys(t
 accelerate launch --num_processes 1 scripts/train_rl.py --config configs/no_such_config.yaml
 t2edit eval --method svf --no-such-flag 3
 t2edit eval --method svf --routers scope-split
-t2edit eval --method svf,rome
+t2edit eval --method svf,mend
 python benchmarks/bench.py --no-such-flag
 python benchmarks/no_such_bench.py --out x.json
 accelerate launch --num_processes 1 scripts/train_rl.py --config configs/demo.yaml --no_such_setting 1
@@ -264,7 +264,7 @@ t2edit eval --data data/other/records.json --n 5
         "configs/no_such_config.yaml": ["configs/no_such_config.yaml does not exist"],
         "--no-such-flag 3": [rejected, "--no-such-flag"],
         "--routers": [rejected, "--routers"],
-        "rome": [rejected, "rome"],
+        "mend": [rejected, "mend"],
         "benchmarks/bench.py --no-such-flag": [rejected, "--no-such-flag"],
         "no_such_bench.py": ["benchmarks/no_such_bench.py does not exist"],
         "--no_such_setting 1": [rejected, "--no_such_setting"],

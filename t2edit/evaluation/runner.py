@@ -13,6 +13,13 @@ method's edit into the next method's numbers.
 
 Aggregation is the EasyEdit KnowEdit runner's: per record, the mean over kinds of the mean over that kind's
 probes; then the mean over the records that have the metric at all.
+
+Split across processes (`procs`, under `accelerate launch --num_processes N`): process p scores records p, p + N,
+... (in mode single it also edits only those); in modes batch and sequential every process makes the same edit of
+all records. Each edit call starts from the same seeded random state, whatever ran before it, so every process
+makes the edit one process would. The scored probes are gathered and aggregated as above, so the table equals the
+one-process table. Fluency in modes batch and sequential samples one seeded stream over every record's prompt,
+which a split would change: the main process samples it alone.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from tqdm.auto import tqdm
 
 from t2edit.batching import check_fits_context
 from t2edit.data.records import EditRecord
+from t2edit.distributed import Processes, gather, share
 from t2edit.editors.base import EditedModel, Editor
 from t2edit.evaluation import metrics as M
 from t2edit.text import answer_matches
@@ -245,9 +253,12 @@ def _edit_in_sequence(editor: Editor, model, tokenizer, records: list[EditRecord
 def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: Sequence[EditRecord],
                     mode: str = "batch", batch_size: int = M.DEFAULT_BATCH_SIZE, fluency: bool = True,
                     progress: bool = True, *, fluency_max_new_tokens: int = 100, seed: int = 0,
-                    restore_tolerance: float = 1e-3, chunk_size: int = 1) -> MethodResult:
+                    restore_tolerance: float = 1e-3, chunk_size: int = 1,
+                    procs: Processes | None = None) -> MethodResult:
     """Edit `model` with `editor` (all records at once, one at a time, or in sequence), score every record,
-    restore."""
+    restore. `procs` (`t2edit.distributed.processes()` under a launch): split the records across the launched
+    processes, each of which must call this with the same arguments; every process gets the whole result."""
+    procs = procs or Processes()
     if mode not in MODES:
         raise M.EvaluationInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     records = list(records)
@@ -267,34 +278,42 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
              f"{j.prompt} {max(j.answers, key=len)}") for mine in jobs for j in mine], M.STRICT_EXTRA_TOKENS)
     except ValueError as error:
         raise M.EvaluationInputError(str(error)) from None
-    locality_jobs = [j for mine in jobs for j in mine if j.family == "locality"]
+    scored_here = set(share(range(len(records)), procs))  # the records this process scores
+    progress = progress and procs.is_main
+    locality_jobs = [j for i in sorted(scored_here) for j in jobs[i] if j.family == "locality"]
     refs = _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode != "single")
     pre_edit_seconds = time.perf_counter() - started
 
-    groups = [[i] for i in range(len(records))] if mode == "single" else [list(range(len(records)))]
+    groups = [[i] for i in sorted(scored_here)] if mode == "single" else [list(range(len(records)))]
     inner_progress = progress and mode != "single"
     scored: list[tuple[_Job, float, float]] = []
-    fluency_bits: list[float] = []
+    fluency_bits: list[tuple[int, list[float]]] = []  # (first record of the edit call, its records' bits)
+    # Batch and sequential fluency is one seeded stream over every record's prompt: sampled whole, by one process.
+    fluency_here = fluency and (mode == "single" or procs.is_main)
     edit_seconds = 0.0
+    device = M._device(model)
+    cuda = [device] if device.type == "cuda" else []
     for group in tqdm(groups, desc=f"{name}: edit, score, restore", disable=not progress or mode != "single"):
         edit_records = [records[i] for i in group]
         guard_prompt = edit_records[0].prompt
         before = _prompt_logits(model, tokenizer, guard_prompt)
         t0 = time.perf_counter()
-        edited = (_edit_in_sequence(editor, model, tokenizer, edit_records, chunk_size) if mode == "sequential"
-                  else editor.edit(model, tokenizer, edit_records))
+        with torch.random.fork_rng(devices=cuda):  # each edit call from the same random state, in any process
+            torch.manual_seed(seed * 1_000_003 + group[0])
+            edited = (_edit_in_sequence(editor, model, tokenizer, edit_records, chunk_size) if mode == "sequential"
+                      else editor.edit(model, tokenizer, edit_records))
         edit_seconds += time.perf_counter() - t0
         if not isinstance(edited, EditedModel):
             raise M.EvaluationInputError(f"editor {name!r} returned {type(edited).__name__} from edit(); "
                                          "it must return t2edit.editors.EditedModel")
         try:
-            scored += _score_jobs(edited, tokenizer, [j for i in group for j in jobs[i]], refs, batch_size,
-                                  inner_progress)
-            if fluency:
+            scored += _score_jobs(edited, tokenizer, [j for i in group if i in scored_here for j in jobs[i]], refs,
+                                  batch_size, inner_progress)
+            if fluency_here:
                 prompts = [r.prompt for r in edit_records]
-                fluency_bits += M.fluency_scores(edited.model, tokenizer, prompts,
-                                                 [edited.context(p) for p in prompts], fluency_max_new_tokens,
-                                                 seed=seed, batch_size=batch_size, progress=inner_progress)
+                fluency_bits.append((group[0], M.fluency_scores(
+                    edited.model, tokenizer, prompts, [edited.context(p) for p in prompts], fluency_max_new_tokens,
+                    seed=seed, batch_size=batch_size, progress=inner_progress)))
         finally:
             edited.restore()
         unchanged, diff = _same_logits(_prompt_logits(model, tokenizer, guard_prompt), before, restore_tolerance)
@@ -304,6 +323,11 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
                 f"{guard_prompt!r} differ from before the edit by up to {diff:.3g}, so the edit was not undone; "
                 "fix its EditedModel.restore so it puts back every weight, hook and adapter it changed")
 
+    if procs.launched:  # every process's probes and fluency, in record order
+        shares = gather((scored, fluency_bits), procs)
+        scored = sorted((row for part, _ in shares for row in part), key=lambda row: row[0].record)
+        fluency_bits = sorted(call for _, part in shares for call in part)
+    fluency_bits = [bits for _, call in fluency_bits for bits in call]
     tables = _tables(scored, len(records))
     n_unscorable = sum(1 for _, token_score, _ in scored if math.isnan(token_score))
     extra: dict = {

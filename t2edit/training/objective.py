@@ -74,6 +74,8 @@ def _decoder_and_head(model):
     the architecture post-processes logits (soft-capping, scaling), which then go through the full forward."""
     base = model.base_model if isinstance(model, SVFModel) else model
     config = base.config
+    if getattr(model, "sharded", False):  # FSDP gathers the root's weights (embeddings, head) in its own forward
+        return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
     try:

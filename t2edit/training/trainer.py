@@ -34,6 +34,7 @@ import torch
 from rewards import RewardSet
 from t2edit.batching import check_fits_context
 from t2edit.data.records import EditRecord
+from t2edit.distributed import Processes, gather, share
 from t2edit.experts import Expert, ExpertInfo
 from t2edit.files import atomic_write, atomic_write_json
 from t2edit.plots import plot_curves
@@ -59,6 +60,7 @@ class TrainItem:
     prompt: str
     answers: list[str]
     kind: str  # "edit" | "neighbour"
+    key: int = 0  # position in the step's whole batch (over every process): what its samples are drawn from
 
 
 class SVFTrainer:
@@ -74,6 +76,13 @@ class SVFTrainer:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
+        # Data parallel under `accelerate launch --num_processes N`: each process takes its share of a step's edits,
+        # neighbours and anchors, and z's gradients are summed over the processes. A model sharded across the
+        # processes (FSDP, `t2edit.training.sharding`) is not data-split: every process runs the whole step on its
+        # shard of the weights, in lock step.
+        self.procs = Processes(accelerator.process_index, accelerator.num_processes) if accelerator is not None \
+            else Processes()
+        self.data_procs = Processes() if getattr(model, "sharded", False) else self.procs
         self.output_dir = Path(config.output_dir)
         self.rewards = RewardSet(config.rewards)
         self.rollouts = rollouts or HFRollouts(model, tokenizer)
@@ -109,7 +118,8 @@ class SVFTrainer:
                    answer_matches(answer, list(record.ground_truth) + list(record.target_new))
                    for record in self.edits)
 
-    def _with_references(self, prompts: list[str], anchors: bool) -> list[TrainItem]:
+    def _with_references(self, keyed: list[tuple[int, str]], anchors: bool) -> list[TrainItem]:
+        prompts = [p for _, p in keyed]
         missing = [p for p in prompts if p not in self.reference_answers]
         if missing:
             # Generation on a CPU costs about the same for a few prompts as for many (per-token overhead dominates), so
@@ -123,10 +133,10 @@ class SVFTrainer:
                 answers = greedy_answers(self.model, self.tokenizer, missing, self.max_new_tokens)
             self.reference_answers.update(zip(missing, answers))
         items = []
-        for prompt in prompts:
+        for key, prompt in keyed:
             answer = self.reference_answers[prompt]
             if answer and not (anchors and self._asks_edited_fact(prompt, answer)):
-                items.append(TrainItem(prompt, [answer], "neighbour"))
+                items.append(TrainItem(prompt, [answer], "neighbour", key))
         return items
 
     # -- data order (part of the checkpoint, so a resumed run sees the same batches) ---------------------------
@@ -140,16 +150,25 @@ class SVFTrainer:
         return picked
 
     def next_batch(self) -> list[TrainItem]:
+        """This process's share of the step's batch. Every process draws the same whole batch (same data-order
+        state), numbers its items (`TrainItem.key`) and keeps items rank, rank + N, ... of each kind."""
         edits = [self.edit_items[i] for i in self._next_indices("edit_order", len(self.edit_items),
                                                                  self.config.edits_per_step)]
         neighbours = [self.neighbour_prompts[i] for i in self._next_indices(
             "neighbour_order", len(self.neighbour_prompts), self.config.neighbours_per_step)]
         anchors = [self.subject_prompts[i] for i in self._next_indices(
             "subject_order", len(self.subject_prompts), self.config.subject_neighbours_per_step)]
-        if self.accelerator is not None and self.accelerator.num_processes > 1:  # each process takes its share
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            edits, neighbours, anchors = edits[rank::world], neighbours[rank::world], anchors[rank::world]
+        edits = [TrainItem(item.prompt, item.answers, item.kind, k) for k, item in enumerate(edits)]
+        neighbours = list(enumerate(neighbours, start=len(edits)))
+        anchors = list(enumerate(anchors, start=len(edits) + len(neighbours)))
+        rank, world = self.data_procs.index, self.data_procs.count
+        edits, neighbours, anchors = edits[rank::world], neighbours[rank::world], anchors[rank::world]
         return edits + self._with_references(neighbours, anchors=False) + self._with_references(anchors, True)
+
+    def _sample_seed(self, item: TrainItem) -> int:
+        """What an item's rollouts are drawn from at this step: the run's seed, the step and the item's place in
+        the whole batch, so a step samples the same rollouts however its batch is split over processes."""
+        return (self.config.seed * 1_000_003 + self.step) * 1_000_033 + item.key
 
     # -- one step ----------------------------------------------------------------------------------------------
     def _answer_ids(self, answer: str) -> list[int]:
@@ -165,7 +184,7 @@ class SVFTrainer:
             sampled = iter(self.rollouts.sample(
                 [i.prompt for i in sampled_items], config.group_size, config.temperature,
                 [self.budgets.get(i.prompt, self.max_new_tokens) for i in sampled_items], top_k=config.top_k,
-                top_p=config.top_p) if sampled_items else [])
+                top_p=config.top_p, seeds=[self._sample_seed(i) for i in sampled_items]) if sampled_items else [])
         for item in items:
             if config.objective == "reinforce" and (item.kind == "edit" or config.sample_neighbours):
                 members = [list(ids) for ids in next(sampled)]
@@ -196,7 +215,7 @@ class SVFTrainer:
         if config.objective == "ce":  # every row is a target: weight 1 on edits, KL alone on neighbours
             advantages = torch.tensor([1.0 if k == "edit" else 0.0 for k in kinds])
         else:
-            advantages = group_advantages(rewards, groups, config.baseline)
+            advantages = group_advantages(rewards, groups, config.baseline) if len(groups) else rewards
             if not config.sample_neighbours:
                 advantages[torch.tensor([k == "neighbour" for k in kinds])] = 0.0
         rows = score_rows(completions, advantages, groups, kinds, config.kl_coef > 0)
@@ -204,8 +223,12 @@ class SVFTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         z_params = self.model.z_parameters()
-        n_groups = max(1, len(items))
-        n_kl = sum(kinds[r] == "neighbour" for r in rows.index) if config.kl_coef > 0 else 0
+        # The loss is normalised by the whole batch's counts (every process's share), and the processes' gradients
+        # are summed: the step's gradient is then the one a single process would take over the whole batch.
+        local_kl = sum(kinds[r] == "neighbour" for r in rows.index) if config.kl_coef > 0 else 0
+        counts = gather((len(items), local_kl), self.data_procs)
+        n_groups = max(1, sum(c[0] for c in counts))
+        n_kl = sum(c[1] for c in counts)
         loss_value, kl_values = 0.0, []
         # Rows go through forward + backward in chunks of whole groups (a group shares its prompt's forward), the
         # gradients adding up: a step's memory stays bounded however many rollouts it scores (all rows at once can
@@ -228,9 +251,10 @@ class SVFTrainer:
         for p in z_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.accelerator is not None and self.accelerator.num_processes > 1:
-            for p in z_params:
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if self.data_procs.launched:  # one all-reduce of every z's gradient, flattened together
+            summed = self.accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in z_params]), reduction="sum")
+            for p, grad in zip(z_params, summed.split([p.numel() for p in z_params])):
+                p.grad = grad.view_as(p).clone()
         grad_norm = torch.nn.utils.clip_grad_norm_(z_params, config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -249,13 +273,21 @@ class SVFTrainer:
             timing.update({"time/sync": sync["seconds"], "sync/bytes": sync["bytes"]})
             if sync.get("transfer_seconds") is not None:
                 timing["time/sync_transfer"] = sync["transfer_seconds"]
-        metrics = {"step": self.step, **timing, "loss": loss_value, "grad_norm": grad_norm.item(),
-                   "lr": self.optimizer.param_groups[0]["lr"], "rows_scored": len(rows.index),
-                   "reward": _mean([r for r, s in zip(total, sampled_mask) if s])}
-        for name, values in per_reward.items():
-            metrics[f"reward/{name}"] = _mean([v for v, s in zip(values, sampled_mask) if s and v is not None])
-        metrics["edit_success_sampled"] = _mean([float(answer_matches(t, a)) for t, a, k, s in
-                                                 zip(texts, answers, kinds, sampled_mask) if k == "edit" and s])
+        # The step's figures over the whole batch: every process's share, gathered (a no-op in one process).
+        mine = {"loss": loss_value, "rows": len(rows.index), "kl": kl_values,
+                "reward": [r for r, s in zip(total, sampled_mask) if s],
+                "per_reward": {name: [v for v, s in zip(values, sampled_mask) if s and v is not None]
+                               for name, values in per_reward.items()},
+                "edit_success": [float(answer_matches(t, a)) for t, a, k, s in
+                                 zip(texts, answers, kinds, sampled_mask) if k == "edit" and s]}
+        shares = gather(mine, self.data_procs)
+        metrics = {"step": self.step, **timing, "loss": sum(m["loss"] for m in shares), "grad_norm": grad_norm.item(),
+                   "lr": self.optimizer.param_groups[0]["lr"], "rows_scored": sum(m["rows"] for m in shares),
+                   "reward": _mean(r for m in shares for r in m["reward"])}
+        for name in dict.fromkeys(name for m in shares for name in m["per_reward"]):
+            metrics[f"reward/{name}"] = _mean(v for m in shares for v in m["per_reward"].get(name, []))
+        metrics["edit_success_sampled"] = _mean(v for m in shares for v in m["edit_success"])
+        kl_values = [v for m in shares for v in m["kl"]]
         if kl_values:
             metrics["kl"] = _mean(kl_values)
         z = torch.cat([p.detach().flatten() for p in z_params])
@@ -265,10 +297,12 @@ class SVFTrainer:
 
     def edit_success_greedy(self) -> float:
         """Strict edit success on the training (edit) prompts: greedy answer matches the target."""
+        mine = share(self.edit_items, self.data_procs)  # each process checks its share of the edits
         with autocast_context(self.model.device, self.config.precision):
-            said = greedy_answers(self.model, self.tokenizer, [i.prompt for i in self.edit_items],
-                                  [self.budgets[i.prompt] for i in self.edit_items])
-        return _mean([float(answer_matches(s, i.answers)) for s, i in zip(said, self.edit_items)])
+            said = greedy_answers(self.model, self.tokenizer, [i.prompt for i in mine],
+                                  [self.budgets[i.prompt] for i in mine]) if mine else []
+        hits = gather([float(answer_matches(s, i.answers)) for s, i in zip(said, mine)], self.data_procs)
+        return _mean(h for part in hits for h in part)
 
     def calibration_negatives(self) -> list[str]:
         """Prompts the router must leave alone: the neighbours and anchors, a bounded sample of them (encoding a
@@ -315,7 +349,7 @@ class SVFTrainer:
         self.rollouts.sync_weights(full=True)  # a vLLM sampler starts from the policy's z (fresh or resumed)
         tracker = _start_wandb(config) if self.is_main else None
         metrics_path = self.output_dir / METRICS_NAME
-        if not config.resume and metrics_path.exists():
+        if not config.resume and metrics_path.exists() and self.is_main:
             metrics_path.unlink()
         started = time.time()
         self.stopped_early = False
@@ -353,6 +387,8 @@ class SVFTrainer:
             plot_reward_curves(metrics_path, self.output_dir / "reward_curve.png")
         if tracker is not None:
             tracker.finish()
+        if self.procs.launched:  # no process returns before the main one has written the expert
+            self.accelerator.wait_for_everyone()
         return expert
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -389,7 +425,7 @@ class SVFTrainer:
         self.step = state["step"]
         # Metrics logged after this checkpoint by the killed run are dropped so the log has each step once.
         metrics_path = self.output_dir / METRICS_NAME
-        if metrics_path.exists():
+        if metrics_path.exists() and self.is_main:
             atomic_write(metrics_path, "".join(line + "\n" for line in metrics_path.read_text().splitlines()
                                                if _step_of(line) is not None and _step_of(line) <= self.step))
 
