@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from t2edit.batching import position_ids
 from t2edit.editors.base import EditedModel, EditInputError, Editor, check_records
 from t2edit.editors.ft import mlp_output_layers
 from t2edit.editors.target_loss import check_precision, encode_targets, model_device, seeded, train_on_targets
@@ -109,16 +110,12 @@ def read_layer(model: nn.Module, adaptor: MemoryAdaptor, input_ids: torch.Tensor
     adaptor.capture = {}
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask))
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     except StopForward:
         pass
     finally:
         captured, adaptor.capture = adaptor.capture, None
     return captured
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 class MemoryModel(nn.Module):
