@@ -22,11 +22,11 @@ from t2edit.evaluation import evaluate_editor
 from t2edit.files import atomic_write_json
 from t2edit.setup import load_setup
 
-SETTINGS = {
+SETTINGS = {  # GRACE first: it takes seconds per record, ROME minutes
+    "grace": lambda: GraceEditor(GraceEditorConfig(layer=25, eps=1.0, lr=1.0, n_iter=50, val_init="cold")),
     "rome": lambda: ROMEEditor(ROMEEditorConfig(layer=6, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
                                                 clamp_norm_factor=4.0, kl_factor=0.0625, mom2_adjustment=False,
                                                 context_templates=((5, 10), (10, 10)))),
-    "grace": lambda: GraceEditor(GraceEditorConfig(layer=25, eps=1.0, lr=1.0, n_iter=50, val_init="cold")),
 }
 
 
@@ -37,22 +37,27 @@ def main() -> None:
     parser.add_argument("--out", default="results/crosscheck_ours.json")
     args = parser.parse_args()
     setup = load_setup("smollm2-135m", args.data, 0, args.n)
-    out = {"records": [r.index for r in setup.edits], "settings": {k: repr(v().config) for k, v in SETTINGS.items()}}
+    out_path = Path(args.out)
+    out = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if out.get("records") != [r.index for r in setup.edits]:  # another run's file: start over
+        out = {}
+    out.update(records=[r.index for r in setup.edits], settings={k: repr(v().config) for k, v in SETTINGS.items()})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for method, make in SETTINGS.items():
-        rows = []
-        for record in setup.edits:
+        rows = out.get(method, [])  # a stopped run continues after its last written record
+        editor = make()  # one editor per method, as EasyEdit's run: ROME's prefixes are sampled once
+        for record in setup.edits[len(rows):]:
             started = time.perf_counter()
-            result = evaluate_editor(make(), setup.model, setup.tokenizer, [record], mode="single", fluency=False,
+            result = evaluate_editor(editor, setup.model, setup.tokenizer, [record], mode="single", fluency=False,
                                      progress=False)
             rows.append({"record": record.index, "edit_success": result.edit_success, "locality": result.locality,
                          "portability": result.portability, "edit_success_em": result.edit_success_em,
                          "edit_seconds": result.extra["edit_seconds"],
                          "seconds": time.perf_counter() - started})
             print(method, rows[-1], flush=True)
-        out[method] = rows
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out["provenance"] = {"commit": commit, "date": str(date.today()), "machine": "2 CPU cores"}
-    atomic_write_json(Path(args.out), out)
+            out[method] = rows
+            out["provenance"] = {"commit": commit, "date": str(date.today()), "machine": "2 CPU cores"}
+            atomic_write_json(out_path, out)
 
 
 if __name__ == "__main__":

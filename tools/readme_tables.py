@@ -34,6 +34,7 @@ class Table(NamedTuple):
 _GRID_NOTE = ("no single command: the CLI takes no FT-M / LoRA setting options, so each row is that command's "
               "evaluation run through `evaluate_editor(get_editor(method, **setting), ...)` with the row's "
               "`FTEditorConfig` / `LoRAEditorConfig` settings")
+FIELD_EDITORS = "rome,memit,alphaedit,grace,wise,serac"
 _SEQ520 = "python benchmarks/device_seq500.py --data " + KNOWEDIT
 
 
@@ -67,16 +68,20 @@ TABLES = [
           "--method none,svf,svf-always,lora,ft,ike,prompt --router own --expert runs/objectives/reinforce/expert "
           f"--out runs/smollm2-batch50 && t2edit eval --model smollm2-135m --data {KNOWEDIT} "
           "--n 50 --method svf --router scope-split --expert runs/objectives/reinforce/expert "
-          "--out runs/smollm2-batch50-scope-split", "runs/smollm2-batch50/results.json",
-          "writes `runs/smollm2-batch50/results.json`, and the row `svf (scope-split)` into "
-          "`runs/smollm2-batch50-scope-split/results.json`"),
+          f"--out runs/smollm2-batch50-scope-split && t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 50 "
+          f"--method {FIELD_EDITORS} --out runs/smollm2-batch50-field", "runs/smollm2-batch50/results.json",
+          "writes `runs/smollm2-batch50/results.json`, the row `svf (scope-split)` into "
+          "`runs/smollm2-batch50-scope-split/results.json` and the rows of the field's editors into "
+          "`runs/smollm2-batch50-field/results.json`"),
     Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
           f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 20 --mode single "
           "--method none,svf,svf-always,lora,ft,ike,prompt --router own --no-fluency --out runs/single20 && t2edit "
           f"eval --model smollm2-135m --data {KNOWEDIT} --n 20 --mode single --method svf "
-          "--router scope-split --no-fluency --out runs/single20-split", "",
-          "writes `runs/single20/results.json`, and the row `svf (scope-split)` into "
-          "`runs/single20-split/results.json`"),
+          "--router scope-split --no-fluency --out runs/single20-split && t2edit eval --model smollm2-135m "
+          f"--data {KNOWEDIT} --n 20 --mode single --method {FIELD_EDITORS} --no-fluency --out runs/single20-field",
+          "", "writes `runs/single20/results.json`, the row `svf (scope-split)` into "
+          "`runs/single20-split/results.json` and the rows of the field's editors into "
+          "`runs/single20-field/results.json`"),
     Table("composition-world", "results/composition_world.json",
           "t2edit eval --n 100 --composition 1,4,16,0 --out runs/composition", "runs/composition/rows-k*.json",
           "writes `runs/composition/rows-k*.json` and `composition.md`; copy the rows' metrics, `seconds` and "
