@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--samples", default="50,100,200,500,1000", help="comma-separated key sample counts")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="compute every C anew instead of reading the cache, so its seconds are this run's")
     parser.add_argument("--out", default=str(REPO / "results" / "key_samples_smollm2.json"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -139,17 +141,19 @@ def main(argv=None) -> int:
     search_seconds = time.perf_counter() - started
     edit_keys = torch.stack([found[r.index][0] for r in records])
 
-    moments = {"C = I": (torch.eye(edit_keys.shape[1]), 0, 0.0)}
+    moments = {"C = I": (torch.eye(edit_keys.shape[1]), 0, 0.0, False)}
     for count in counts:
-        stats = key_statistics(model, tokenizer, [layer], KeyCorpus(n_samples=count, seed=config.seed))[layer]
-        moments[count] = (stats.second_moment, stats.tokens, stats.seconds)
+        stats = key_statistics(model, tokenizer, [layer], KeyCorpus(n_samples=count, seed=config.seed),
+                               directory="" if args.fresh else None)[layer]
+        moments[count] = (stats.second_moment, stats.tokens, stats.seconds, stats.from_cache)
     largest = moments[counts[-1]][0]
     rows = []
-    for label, (second_moment, tokens, seconds) in moments.items():
+    for label, (second_moment, tokens, seconds, from_cache) in moments.items():
         result = evaluate_editor(FixedRankOne(module, found, second_moment), model, tokenizer, records, mode="single",
                                  fluency=False, progress=False)
         spread = torch.tensor(reach(edit_keys, other_keys, second_moment))
         rows.append({"key_samples": label, "tokens": tokens, "statistics_seconds": round(seconds, 1),
+                     "statistics_from_cache": from_cache,
                      "ES": percent(result.edit_success), "Loc": percent(result.locality),
                      "Port": percent(result.portability), "ES_em": percent(result.edit_success_em),
                      "reach_median": round(spread.median().item(), 4),

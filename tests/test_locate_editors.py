@@ -293,6 +293,9 @@ def test_key_statistics_are_cached_and_reused_and_differ_between_models(base_mod
     monkeypatch.setattr(keys_module, "compute_key_statistics", real_compute)
     theirs = key_statistics(other, tokenizer, [0], corpus, progress=False)[0]
     assert not theirs.from_cache and not torch.allclose(theirs.second_moment, C)
+    monkeypatch.setattr(keys_module, "compute_key_statistics", must_not_compute)
+    ours = key_statistics(base_model, tokenizer, [0], corpus, progress=False)[0]  # both models' files coexist
+    assert ours.from_cache and torch.equal(ours.second_moment, C)
 
 
 def test_a_smaller_corpus_is_a_prefix_of_a_larger_one(base_model, tokenizer):

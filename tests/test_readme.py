@@ -25,7 +25,7 @@ def _eval_with_routers(text: str) -> list[str]:
 
 
 def _copy_sources(tmp_path: Path) -> None:
-    sources = [t.source for t in readme_tables.TABLES] + [path for path, _ in readme_tables.MUTMUT_RUNS]
+    sources = [t.source for t in readme_tables.TABLES] + readme_tables.EXTRA_SOURCES
     for source in sources:
         target = tmp_path / source
         target.parent.mkdir(parents=True, exist_ok=True)

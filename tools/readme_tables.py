@@ -34,6 +34,9 @@ class Table(NamedTuple):
 _GRID_NOTE = ("no single command: the CLI takes no FT-M / LoRA setting options, so each row is that command's "
               "evaluation run through `evaluate_editor(get_editor(method, **setting), ...)` with the row's "
               "`FTEditorConfig` / `LoRAEditorConfig` settings")
+_FIELD_GRID_NOTE = ("each row is that command's evaluation, one record at a time, through "
+                    "`evaluate_editor(Editor(Config(**options)), ...)` with the row's `options` from the JSON; "
+                    "records 210-229 with `--start 210 --n 20`")
 FIELD_EDITORS = "rome,memit,alphaedit,grace,wise,serac"
 _SEQ520 = "python benchmarks/device_seq500.py --data " + KNOWEDIT
 
@@ -170,10 +173,46 @@ TABLES = [
     Table("baseline-step-cost", "results/baseline_tuning_smollm2.json",
           f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 20 --method ft,lora --no-fluency", "",
           "no script: one optimiser step of each editor timed by hand on that command's model and records"),
+    Table("field-tuning-locate", "results/locate_tuning_smollm2.json",
+          f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --start 200 --n 10 --mode single "
+          "--method rome,memit,alphaedit --no-fluency", "", _FIELD_GRID_NOTE),
+    Table("field-tuning-memory", "results/memory_tuning_smollm2.json",
+          f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --start 200 --n 10 --mode single "
+          "--method grace,wise,serac --no-fluency", "", _FIELD_GRID_NOTE),
+    Table("key-samples", "results/key_samples_smollm2.json",
+          f"python benchmarks/key_samples.py --data {KNOWEDIT} --n 8 --samples 50,200,1000 --fresh --threads 2",
+          "results/key_samples_smollm2.json"),
+    Table("crosscheck", "results/crosscheck_ours.json",
+          f"python benchmarks/crosscheck_ours.py --data {KNOWEDIT}", "results/crosscheck_ours.json",
+          "the EasyEdit side: the steps of `benchmarks/crosscheck_easyedit.md`, which write "
+          "`results/crosscheck_easyedit.json`"),
     Table("mutmut", "results/mutmut/mutmut_summary.json",
           'mutmut run "t2edit.leakage*" "rewards.builtin*" "t2edit.evaluation.metrics*" "t2edit.svf*" && '
           "python tools/mutmut_report.py results/mutmut", "results/mutmut/mutmut_summary.json"),
 ]
+
+# Bar plots of the method tables, drawn into docs/ next to them (not compared by --check: PNG bytes depend on the
+# matplotlib version).
+PLOTS = [("results/smollm2_knowedit_batch50.json", "docs/smollm2_batch50.png",
+          "SmolLM2-135M, KnowEdit train_cf: 50 edits in one batch"),
+         ("results/smollm2_knowedit_single20.json", "docs/smollm2_single20.png",
+          "SmolLM2-135M, KnowEdit train_cf: single edits, records 0-19")]
+
+
+def write_plots(root: Path = REPO) -> list[Path]:
+    from t2edit.evaluation.report import bar_plot
+    from t2edit.evaluation.runner import MethodResult
+
+    written = []
+    for source, target, title in PLOTS:
+        payload = json.loads((root / source).read_text(encoding="utf-8"))
+        image = bar_plot([MethodResult(**row) for row in payload["methods"]], title)
+        path = root / target
+        if not path.exists() or path.read_bytes() != image:
+            path.write_bytes(image)
+            written.append(path)
+    return written
+
 
 # The mutation runs of the mutmut table (mutmut_report.py writes counts only; the provenance is added to its JSON).
 MUTMUT_RUNS = [("results/mutmut/mutmut_summary.json", "mutants, share killed or timed out")]
@@ -489,6 +528,63 @@ def _z_payload_block(payload: dict) -> list[str]:
     return lines
 
 
+def _field_tuning_block(payload: dict) -> list[str]:
+    """A grid of the field's editors: one row per (method, setting, records), the chosen settings in bold."""
+    lines = ["| method | setting | records | ES | Loc | Port | mean | ES (EM) | edit s |", "|---" * 9 + "|"]
+    for r in payload["rows"]:
+        bold = (lambda v: f"**{v}**") if r["chosen"] else str
+        cells = [r["method"], bold(r["setting"]), f"{r['records']} ({r['n']})"]
+        cells += [bold(r[k]) for k in ("ES", "Loc", "Port", "mean")] + [str(r["ES_em"]), str(r["edit_s_per_edit"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _key_samples_block(payload: dict) -> list[str]:
+    """ROME's edits with one k*, v* per record and only C varied: the scores, the cost of C and how far each edit
+    reaches other subjects' keys."""
+    lines = [f"ROME at layer {payload['layer']}, records {payload['records']}, single mode; the value search "
+             f"(k*, v* per record, shared by every row) took {payload['value_search_seconds']:.0f} s.", "",
+             "| key samples | keys | C seconds | ES | Loc | Port | ES (EM) | reach, median | reach, p90 | "
+             "distance to the largest C |", "|---" * 10 + "|"]
+    for r in payload["rows"]:
+        seconds = "–" if r["tokens"] == 0 else f"{r['statistics_seconds']:.0f}" + \
+            (" (cached)" if r.get("statistics_from_cache") else "")
+        distance = "–" if r["distance_to_largest"] is None else f"{r['distance_to_largest']:.3f}"
+        lines.append(f"| {r['key_samples']} | {r['tokens']:,} | {seconds} | {r['ES']} | {r['Loc']} | {r['Port']} | "
+                     f"{r['ES_em']} | {r['reach_median']:.3f} | {r['reach_p90']:.3f} | {distance} |")
+    return lines
+
+
+def _crosscheck_block(payload: dict, repo: Path | None = None) -> list[str]:
+    """Per record, t2edit's ROME and GRACE beside EasyEdit's own code at the same settings."""
+    theirs = json.loads(((repo or REPO) / CROSSCHECK_EASYEDIT).read_text(encoding="utf-8"))
+    lines = []
+    for method in ("rome", "grace"):
+        ours_rows, their_rows = payload.get(method, []), {r["record"]: r for r in theirs.get(method, [])}
+        lines += [f"**{method}** (t2edit: ES teacher-forced / ES greedy EM; EasyEdit: rewrite_acc)", "",
+                  "| record | subject → new object | t2edit ES | ES (EM) | Loc | Port | edit s | EasyEdit rewrite | "
+                  "Loc | Port | edit s |", "|---" * 11 + "|"]
+        for r in ours_rows:
+            e = their_rows.get(r["record"])
+            them = "| – | – | – | – |" if e is None else \
+                f"| {e['rewrite_acc']:.2f} | {e['locality']:.2f} | {e['portability']:.2f} | {e['seconds']:.0f} |"
+            subject = "" if e is None else f"{e['subject']} → {e['target_new']}"
+            lines.append(f"| {r['record']} | {subject} | {r['edit_success']:.2f} | {r['edit_success_em']:.0f} | "
+                         f"{r['locality']:.2f} | {r['portability']:.2f} | {r['edit_seconds']:.0f} " + them)
+        shared = [r for r in ours_rows if r["record"] in their_rows]
+        if shared:
+            def mean(rows, key):
+                return sum(row[key] for row in rows) / len(rows)
+            pairs = [their_rows[r["record"]] for r in shared]
+            lines.append(f"| **mean** | | {mean(shared, 'edit_success'):.2f} | {mean(shared, 'edit_success_em'):.2f} | "
+                         f"{mean(shared, 'locality'):.2f} | {mean(shared, 'portability'):.2f} | "
+                         f"{mean(shared, 'edit_seconds'):.0f} | {mean(pairs, 'rewrite_acc'):.2f} | "
+                         f"{mean(pairs, 'locality'):.2f} | {mean(pairs, 'portability'):.2f} | "
+                         f"{mean(pairs, 'seconds'):.0f} |")
+        lines.append("")
+    return lines[:-1]
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -525,7 +621,13 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "baseline-batch50": _tuning_block("batch_50"), "baseline-step-cost": _tuning_block("step_cost"),
           "mutmut": _mutmut_block, "vllm-cpu-smoke": _vllm_smoke_block, "vllm-cpu-training": _tuning_block("rows"),
           "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block, "z-payload": _z_payload_block,
-          "scaling-cpu": _scaling_block}
+          "scaling-cpu": _scaling_block, "field-tuning-locate": _field_tuning_block,
+          "field-tuning-memory": _field_tuning_block, "key-samples": _key_samples_block,
+          "crosscheck": _crosscheck_block}
+_NEEDS_REPO = (_mutmut_block, _crosscheck_block)  # blocks that read a second file of the repository
+CROSSCHECK_EASYEDIT = "results/crosscheck_easyedit.json"
+# Every file a block reads besides its table's own source.
+EXTRA_SOURCES = [path for path, _ in MUTMUT_RUNS] + [CROSSCHECK_EASYEDIT]
 
 
 def provenance_line(payload: dict, source: str) -> str:
@@ -547,7 +649,7 @@ def render(table: Table, repo: Path = REPO) -> str:
     edit = "edit that file, not this block" if payload else "edit the code, not this block"
     lines = [f"<!-- generated by tools/readme_tables.py from {table.source}; {edit} -->"]
     block = BLOCKS.get(table.name, _method_block)
-    lines += block(payload, repo) if block is _mutmut_block else block(payload)
+    lines += block(payload, repo) if block in _NEEDS_REPO else block(payload)
     lines.append("")
     if payload:
         lines.append(provenance_line(payload, table.source) + f" Source: `{table.source}`.")
@@ -628,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
         if wanted != current:
             path.write_text(wanted, encoding="utf-8")
             print(f"updated {path.relative_to(root)}")
+    for path in write_plots(root):
+        print(f"drew {path.relative_to(root)}")
     return 0
 
 

@@ -74,7 +74,7 @@ def plotted_metrics(results: Sequence[MethodResult]) -> list[tuple[str, str, int
             if any(getattr(r, field) is not None for r in results)]
 
 
-def _bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
+def bar_plot(results: Sequence[MethodResult], title: str) -> bytes:
     """One panel per metric that any method has (a skipped fluency run draws no empty axis), methods as
     horizontal bars in table order, so a dozen methods stay legible; a method without the metric shows "–"."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
@@ -125,5 +125,5 @@ def write_results(results: Sequence[MethodResult], out_dir: str | os.PathLike,
     if by_kind:
         sections += ["## Portability by kind", by_kind]
     atomic_write(paths["md"], ("\n\n".join(sections) + "\n").encode())
-    atomic_write(paths["png"], _bar_plot(results, title))
+    atomic_write(paths["png"], bar_plot(results, title))
     return paths
