@@ -92,8 +92,8 @@ def test_no_scored_prompt_reaches_training_ike_or_the_router_on_the_real_paths(l
 
     real_calibrate = t2edit.training.trainer.calibrate_own_router
     monkeypatch.setattr(t2edit.training.trainer, "calibrate_own_router",
-                        lambda model, tok, keys, neg, *a: negatives.append(list(neg)) or real_calibrate(model, tok,
-                                                                                                         keys, neg, *a))
+                        lambda model, tok, keys, neg, *a, **kw: negatives.append(list(neg)) or
+                        real_calibrate(model, tok, keys, neg, *a, **kw))
     monkeypatch.setattr(t2edit.editors.svf, "SVFTrainer", RecordingTrainer)  # SVFEditor.edit
     monkeypatch.setattr(t2edit.jobs, "SVFTrainer", RecordingTrainer)  # run_training
 

@@ -1,4 +1,6 @@
 """Routers: one interface, each tested on what it must route and what it must leave alone."""
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +187,42 @@ def test_embedding_router_takes_each_experts_nearest_key(adaptive_factory):
         expected = torch.stack([(states @ first.keys.T).max(-1).values, (states @ second.keys.T).max(-1).values], -1)
         assert torch.allclose(router.similarities(batch), expected, atol=1e-6)
         assert router.weights(batch)[:2].argmax(-1).tolist() == [0, 1]
+
+
+def test_stored_negative_states_encode_each_negative_once_and_calibrate_the_same_threshold(monkeypatch):
+    pass1_module = sys.modules["t2edit.routing.pass1"]  # the package exports a function of the same name
+
+    tokenizer = build_tiny_tokenizer(TEXTS)
+    tokenizer.padding_side = "left"
+    svf = apply_svf(build_tiny_model(tokenizer, hidden_size=32), SVFConfig(mask="identity", z_init=1.0),
+                    progress=False).eval()
+    encoded, real = [], pass1_module.last_states
+    monkeypatch.setattr(pass1_module, "last_states",
+                        lambda model, tok, prompts, *a, **k: encoded.extend(prompts) or real(model, tok, prompts, *a, **k))
+    store: dict = {}
+    first = calibrate_own_router(svf, tokenizer, [EDITS[0].prompt], NEGATIVES[:4], negative_states=store)
+    assert encoded == NEGATIVES[:4]
+    encoded.clear()
+    second = calibrate_own_router(svf, tokenizer, [EDITS[1].prompt], NEGATIVES[2:], negative_states=store)
+    assert encoded == NEGATIVES[4:]  # the two shared negatives come from the store
+    for router, edit, negatives in ((first, EDITS[0], NEGATIVES[:4]), (second, EDITS[1], NEGATIVES[2:])):
+        plain = calibrate_own_router(svf, tokenizer, [edit.prompt], negatives)
+        assert router.threshold == pytest.approx(plain.threshold, abs=1e-5)
+        assert torch.allclose(router.keys, plain.keys)
+
+
+def test_calibration_negatives_of_overlapping_pools_are_the_same_sample(tmp_path):
+    from t2edit.training import SVFTrainer, TrainConfig
+
+    tokenizer = build_tiny_tokenizer(TEXTS)
+    tokenizer.padding_side = "left"
+    svf = apply_svf(build_tiny_model(tokenizer, hidden_size=32), SVFConfig(mask="identity", z_init=1.0),
+                    progress=False)
+    pool = [f"{negative} ({i})" for i in range(8) for negative in NEGATIVES]  # 48 prompts, never encoded here
+    config = TrainConfig(router_calibration_prompts=12, output_dir=str(tmp_path), progress=False)
+    full = SVFTrainer(svf, tokenizer, [EDITS[0]], pool, config).calibration_negatives()
+    assert len(full) == 12 and set(full) <= set(pool)
+    for dropped in full[:3]:  # an edit's own scored prompts leave its pool: the rest of the sample stays
+        smaller = SVFTrainer(svf, tokenizer, [EDITS[0]], [p for p in pool if p != dropped],
+                             config).calibration_negatives()
+        assert len(smaller) == 12 and set(full) - {dropped} <= set(smaller)

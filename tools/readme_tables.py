@@ -186,6 +186,8 @@ TABLES = [
           f"python benchmarks/crosscheck_ours.py --data {KNOWEDIT}", "results/crosscheck_ours.json",
           "the EasyEdit side: the steps of `benchmarks/crosscheck_easyedit.md`, which write "
           "`results/crosscheck_easyedit.json`"),
+    Table("svf-edit-cost", "results/svf_edit_cost.json",
+          f"python benchmarks/svf_edit_cost.py --data {KNOWEDIT} --n 4 --threads 2", "results/svf_edit_cost.json"),
     Table("mutmut", "results/mutmut/mutmut_summary.json",
           'mutmut run "t2edit.leakage*" "rewards.builtin*" "t2edit.evaluation.metrics*" "t2edit.svf*" && '
           "python tools/mutmut_report.py results/mutmut", "results/mutmut/mutmut_summary.json"),
@@ -585,6 +587,20 @@ def _crosscheck_block(payload: dict, repo: Path | None = None) -> list[str]:
     return lines[:-1]
 
 
+def _svf_edit_cost_block(payload: dict) -> list[str]:
+    """Seconds of one single-edit SVF expert by phase, the own router's negatives encoded per edit or kept."""
+    phases = ["steps", "greedy checks", "own router calibration", "router fit", "rest"]
+    lines = [f"{payload['model']}, records {payload['records']}, {payload['device']}; seconds per edit, mean over "
+             "the records after the first (the first also encodes the two-pass router's negatives once).", "",
+             "| negatives' pass 1 | edit s | " + " | ".join(phases) + " | steps taken |", "|---" * 8 + "|"]
+    for variant in ("per-edit", "shared"):
+        row = payload["summary"][variant]
+        lines.append(f"| {variant} | **{row['edit_seconds']:.1f}** | " + " | ".join(f"{row[p]:.1f}" for p in phases)
+                     + f" | {row['steps_taken']:.0f} |")
+    lines += ["", f"Per-edit over shared: {payload['summary']['ratio']:.2f}×."]
+    return lines
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -623,7 +639,7 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block, "z-payload": _z_payload_block,
           "scaling-cpu": _scaling_block, "field-tuning-locate": _field_tuning_block,
           "field-tuning-memory": _field_tuning_block, "key-samples": _key_samples_block,
-          "crosscheck": _crosscheck_block}
+          "crosscheck": _crosscheck_block, "svf-edit-cost": _svf_edit_cost_block}
 _NEEDS_REPO = (_mutmut_block, _crosscheck_block)  # blocks that read a second file of the repository
 CROSSCHECK_EASYEDIT = "results/crosscheck_easyedit.json"
 # Every file a block reads besides its table's own source.

@@ -49,12 +49,16 @@ class SVFEditor(Editor):
         self.calls = 0
         self.trained_experts = {} if trained_experts is None else trained_experts
         self.report: dict = {}  # merged into the evaluation's `extra`: whether the expert was loaded or trained
-        # Pass 1 of the router negatives on the unedited base model, kept across edit calls (single mode fits a
-        # router per record on the same negatives); reset when another base model comes in.
+        # Pass 1 on the unedited base model, kept across edit calls (single mode trains an expert and fits a router
+        # per record on much the same negatives): the router negatives' batches, and each calibration negative's
+        # state for the experts' own routers. Reset when another base model comes in.
         self._pass1_cache: dict = {}
+        self._negative_states: dict = {}
         self._pass1_model = None
 
     def edit(self, model, tokenizer, records):
+        if self._pass1_model is not model:
+            self._pass1_cache, self._negative_states, self._pass1_model = {}, {}, model
         key = tuple((r.prompt, tuple(r.target_new)) for r in records)
         self.report = {"expert": "loaded" if self.expert_dir else "trained"}
         if self.expert_dir:
@@ -72,7 +76,8 @@ class SVFEditor(Editor):
             config = TrainConfig(**{**asdict(self.config), "save_every": 0, "resume": False,
                                     "output_dir": str(Path(self.config.output_dir) / f"edit-{self.calls:04d}")})
             self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool.neighbour_prompts, config,
-                                           subject_prompts=pool.subject_prompts)
+                                           subject_prompts=pool.subject_prompts,
+                                           negative_states=self._negative_states)
             expert = self.last_trainer.train()
             self.trained_experts[key] = expert
         svf_model.eval()
@@ -86,8 +91,6 @@ class SVFEditor(Editor):
             routed = AdaptiveModel.with_own_router(svf_model, expert, tokenizer)
             return EditedModel(model=routed.eval(), restore=svf_model.unload)
         started = time.perf_counter()
-        if self._pass1_model is not model:
-            self._pass1_cache, self._pass1_model = {}, model
         adaptive = AdaptiveModel(svf_model, [expert], get_router(self.router), tokenizer,
                                  negatives=self.router_negatives, pass1_cache=self._pass1_cache)
         self.report["router_fit_seconds"] = round(time.perf_counter() - started, 2)

@@ -14,19 +14,22 @@ import torch.nn.functional as F
 
 from t2edit.experts import OwnRouter
 from t2edit.routing.base import ExpertRouter, one_hot_choice, threshold_above
-from t2edit.routing.pass1 import last_states
+from t2edit.routing.pass1 import last_states, stored_last_states
 
 
 def calibrate_own_router(svf_model, tokenizer, edit_prompts: Sequence[str], negative_prompts: Sequence[str],
-                         margin: float = 0.5) -> OwnRouter:
-    """Keys from the edit prompts; threshold `margin` of the way from the closest negative prompt to 1."""
+                         margin: float = 0.5, negative_states: dict | None = None) -> OwnRouter:
+    """Keys from the edit prompts; threshold `margin` of the way from the closest negative prompt to 1.
+    `negative_states`: a prompt -> state store kept for one base model (`stored_last_states`), so a stream of
+    experts encodes each negative once."""
     if not 0.0 <= margin <= 1.0:
         raise ValueError(f"route_margin={margin} must lie in [0, 1] (0: just above the closest neighbour, 1: "
                          f"only the edit prompts themselves)")
     router = OwnRouter(keys=F.normalize(last_states(svf_model, tokenizer, list(edit_prompts)), dim=-1),
                        threshold=-1.0)
-    closest = router.similarity(last_states(svf_model, tokenizer, list(negative_prompts))).max().item() \
-        if negative_prompts else 0.0
+    states = last_states(svf_model, tokenizer, list(negative_prompts)) if negative_states is None else \
+        stored_last_states(svf_model, tokenizer, list(negative_prompts), negative_states)
+    closest = router.similarity(states).max().item() if negative_prompts else 0.0
     router.threshold = threshold_above(closest, margin)
     return router
 

@@ -105,6 +105,18 @@ def last_states(model, tokenizer, prompts: Sequence[str], batch_size: int = 64, 
     return torch.cat([b.last_state.float().cpu() for b in batches])
 
 
+def stored_last_states(model, tokenizer, prompts: Sequence[str], store: dict[str, torch.Tensor],
+                       batch_size: int = 64) -> torch.Tensor:
+    """`last_states` through `store` (prompt -> state), a dict the caller keeps for one unedited base model: only
+    prompts not in it run pass 1, so experts trained one after another on overlapping negatives encode each once."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in store]
+    if missing:
+        store.update(zip(missing, last_states(model, tokenizer, missing, batch_size)))
+    if not prompts:
+        return last_states(model, tokenizer, [], batch_size)
+    return torch.stack([store[p] for p in prompts])
+
+
 def _cached_pass1(cache: dict, key: tuple) -> list[PromptBatch] | None:
     """A cached pass 1 over the same prompts that kept every layer `key` asks for (it may have kept more: the
     hybrid router runs one pass for the layers of both its halves)."""
@@ -121,4 +133,4 @@ def _cached_pass1(cache: dict, key: tuple) -> list[PromptBatch] | None:
     return None
 
 
-__all__ = ["PromptBatch", "encode", "last_states", "pass1"]
+__all__ = ["PromptBatch", "encode", "last_states", "pass1", "stored_last_states"]

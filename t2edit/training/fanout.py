@@ -42,9 +42,10 @@ def expert_run_dir(out_dir, k: int) -> Path:
 
 
 def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, edited: Sequence[EditRecord],
-                     base_config=None) -> Path:
+                     base_config=None, negative_states: dict | None = None) -> Path:
     """Train the expert of one chunk into run_dir/expert, unless it is already there (adding an expert never
-    retrains or rewrites another). Returns the expert directory."""
+    retrains or rewrites another). Returns the expert directory. `negative_states`: a dict kept across the calls
+    on one base model, so each calibration negative of the experts' own routers is encoded once."""
     # The settings of the model being edited, as `t2edit eval` uses them: the world preset for fact worlds, the
     # llm preset for a pretrained model.
     base = base_config or apply_preset(TrainConfig(
@@ -65,7 +66,8 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
     try:
         # The trainer records each edit's prompt, subject and target in the expert (what the scope routers read).
-        expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject).train()
+        expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject,
+                            negative_states=negative_states).train()
         expert.save_pretrained(expert_dir)
     finally:
         svf_model.unload()
@@ -95,9 +97,10 @@ def trained_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, 
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts",
                disable=not progress)
     if workers <= 1 or len(todo) <= 1:
+        states: dict = {}
         for k, chunk in enumerate(chunks):
             if k in todo:
-                train_one_expert(setup, chunk, expert_run_dir(out_dir, k), edited, base_config)
+                train_one_expert(setup, chunk, expert_run_dir(out_dir, k), edited, base_config, states)
                 bar.update(1)
             yield k
         bar.close()
@@ -147,13 +150,14 @@ def _trained_across_processes(setup, chunks, out_dir, edited, base_config, progr
     barrier(procs)
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts, {procs.count} "
                f"processes", disable=not (progress and procs.is_main))
+    states: dict = {}
     with tempfile.TemporaryDirectory(prefix="t2edit-experts-") as scratch:
         for start in range(0, len(todo), procs.count):
             mine = todo[start + procs.index] if start + procs.index < len(todo) else None
             files = None
             if mine is not None:
                 run_dir = expert_run_dir(out_dir if procs.is_main else scratch, mine)
-                train_one_expert(setup, chunks[mine], run_dir, edited, base_config)
+                train_one_expert(setup, chunks[mine], run_dir, edited, base_config, states)
                 files = None if procs.is_main else _run_files(run_dir)
             for p, (k, sent) in enumerate(gather((mine, files), procs)):
                 if k is None:
@@ -187,7 +191,8 @@ _WORKER: dict = {}
 def _worker_start(spec: dict, out_dir: str, edited: list[int], base_config):
     torch.set_num_threads(1)
     setup = load_setup(**{**spec, "progress": False})
-    _WORKER.update(setup=setup, out_dir=out_dir, edited=[setup.edits[i] for i in edited], base=base_config)
+    _WORKER.update(setup=setup, out_dir=out_dir, edited=[setup.edits[i] for i in edited], base=base_config,
+                   states={})
 
 
 def _worker_train(task: tuple[int, list[int]]) -> tuple[int, float]:
@@ -195,7 +200,7 @@ def _worker_train(task: tuple[int, list[int]]) -> tuple[int, float]:
     started = time.perf_counter()
     setup = _WORKER["setup"]
     train_one_expert(setup, [setup.edits[i] for i in positions], expert_run_dir(_WORKER["out_dir"], k),
-                     _WORKER["edited"], _WORKER["base"])
+                     _WORKER["edited"], _WORKER["base"], _WORKER["states"])
     return k, time.perf_counter() - started
 
 

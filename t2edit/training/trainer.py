@@ -21,6 +21,7 @@ and its vLLM client for GPU rollouts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ class TrainItem:
 
 class SVFTrainer:
     def __init__(self, model: SVFModel, tokenizer, edits: list[EditRecord], neighbour_prompts: list[str],
-                 config: TrainConfig, rollouts=None, accelerator=None, subject_prompts: list[str] = ()):
+                 config: TrainConfig, rollouts=None, accelerator=None, subject_prompts: list[str] = (),
+                 negative_states: dict | None = None):
         if not edits:
             raise ValueError("no edits to train on; check the data file and the start / n_edits selection")
         if config.objective not in ("reinforce", "ce"):
@@ -74,6 +76,9 @@ class SVFTrainer:
         check_fits_context(model, tokenizer, [(f"record {r.index}'s edit", f"{r.prompt} {max(r.target_new, key=len)}")
                                               for r in edits], 2)
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        # The unedited model's pass-1 state of each calibration negative, kept by a caller that trains many
+        # experts on one base model (a single-edit run, a stream), so each negative is encoded once.
+        self.negative_states = negative_states
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
         # Data parallel under `accelerate launch --num_processes N`: each process takes its share of a step's edits,
@@ -310,7 +315,11 @@ class SVFTrainer:
         prompts = list(dict.fromkeys(self.neighbour_prompts + self.subject_prompts))
         limit = self.config.router_calibration_prompts
         if limit and len(prompts) > limit:
-            prompts = random.Random(self.config.seed).sample(prompts, limit)
+            # The sample is picked by a hash of each prompt, not by its place in the pool, so experts trained on
+            # pools that differ by a few prompts share almost all their negatives (and their cached states).
+            seed = self.config.seed
+            prompts = sorted(prompts, key=lambda p: hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest())
+            prompts = prompts[:limit]
         return prompts
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -376,7 +385,8 @@ class SVFTrainer:
         bar.close()
         # The router's keys are the edit prompts; what it must not route are the prompts trained to stay unchanged.
         router = calibrate_own_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
-                                      self.calibration_negatives(), config.route_margin)
+                                      self.calibration_negatives(), config.route_margin,
+                                      negative_states=self.negative_states)
         info = ExpertInfo(name=self.output_dir.name, steps=self.step, data=config.data, train_config=asdict(config),
                           # the edits with their subjects: what the scope routers key on
                           edits=edit_entries(self.edits))
