@@ -78,11 +78,14 @@ TABLES = [
           "`runs/smollm2-batch50-field/results.json`"),
     Table("smollm2-knowedit-single20", "results/smollm2_knowedit_single20.json",
           f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 20 --mode single "
-          "--method none,svf,svf-always,lora,ft,ike,prompt --router own --no-fluency --out runs/single20 && t2edit "
+          "--method none,lora,ft,ike,prompt --out runs/single20-base && t2edit eval --model smollm2-135m "
+          f"--data {KNOWEDIT} --n 20 --mode single --method svf,svf-always --router own --no-fluency "
+          "--out runs/single20 && t2edit "
           f"eval --model smollm2-135m --data {KNOWEDIT} --n 20 --mode single --method svf "
           "--router scope-split --no-fluency --out runs/single20-split && t2edit eval --model smollm2-135m "
           f"--data {KNOWEDIT} --n 20 --mode single --method {FIELD_EDITORS} --no-fluency --out runs/single20-field",
-          "", "writes `runs/single20/results.json`, the row `svf (scope-split)` into "
+          "", "writes the rows of none, LoRA, FT-M, IKE and prompt into `runs/single20-base/results.json`, "
+          "`svf` and `svf-always` into `runs/single20/results.json`, the row `svf (scope-split)` into "
           "`runs/single20-split/results.json` and the rows of the field's editors into "
           "`runs/single20-field/results.json`"),
     Table("composition-world", "results/composition_world.json",
