@@ -62,7 +62,7 @@ def run_variant(name: str, setup, records, shared: bool, pass1_cache: dict) -> l
     rows = []
     for record in records:
         if not shared:
-            editor._negative_states = {}  # the per-edit reference: nothing kept from the previous expert
+            editor.unedited.negative_states = {}  # the per-edit reference: nothing kept from the previous expert
         editor._pass1_cache, editor._pass1_model = pass1_cache, setup.model  # the scope router's pass 1, kept
         timers = _Timers()
         timers.wrap(trainer_module.SVFTrainer, "training_step", "steps")

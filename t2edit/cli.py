@@ -87,7 +87,16 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> argparse.ArgumentPa
                           help="split the edits into K independently trained experts and score each router "
                                "(1: one expert for all; N or 0: one expert per edit), e.g. 1,4,16,0")
     evaluate.add_argument("--sequential", action="store_true",
-                          help="add single-edit experts one at a time; curve of ES / Loc / Port (sequential.png)")
+                          help="a stream of edits: with --method, each method edits the records in order (its own "
+                               "protocol; --chunk edits per call for all) and all edits so far are scored at each "
+                               "of --points (stream.json, stream.png); without, single-edit SVF experts added one "
+                               "at a time behind each --router (sequential.json, sequential.png)")
+    evaluate.add_argument("--points", default=None, metavar="T[,T...]",
+                          help="--sequential --method: where the stream is scored (default 10,50,100,250,500,1000 "
+                               "and the last edit)")
+    evaluate.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                          help="--sequential --method: stop a method at the last point that fits in this many "
+                               "minutes (its rows say how far it got)")
     evaluate.add_argument("--workers", type=int, default=1,
                           help="--sequential: train the single-edit experts in this many CPU processes")
     return evaluate
@@ -182,11 +191,26 @@ def _train(args):
 
 def _eval(args):
     from t2edit.distributed import processes
-    from t2edit.jobs import run_eval, run_many_experts
+    from t2edit.evaluation.stream import STREAM_POINTS
+    from t2edit.jobs import run_eval, run_many_experts, run_stream
     from t2edit.setup import load_setup
 
-    many = bool(args.composition or args.sequential)
-    if many:
+    stream = args.sequential and args.method != ["none"]
+    if (args.points or args.time_budget) and not stream:
+        raise ValueError("--points / --time-budget apply to a stream: add --sequential --method METHOD[,METHOD...]")
+    many = bool(args.composition or args.sequential) and not stream
+    if stream:
+        if args.composition or args.expert or args.mode != "batch":
+            raise ValueError("--composition / --expert / --mode do not apply to a --sequential stream; drop them")
+        if args.time_budget is not None and not args.time_budget > 0:
+            raise ValueError(f"--time-budget {args.time_budget}: give minutes greater than 0")
+        points = STREAM_POINTS
+        if args.points:
+            try:
+                points = [int(t) for t in args.points.split(",")]
+            except ValueError:
+                raise ValueError(f"--points {args.points!r}: give numbers of edits, e.g. 10,50,100") from None
+    elif many:
         ignored = [flag for flag, given in (("--method", args.method != ["none"]), ("--expert", args.expert),
                                             ("--mode", args.mode != "batch"), ("--chunk", args.chunk != 1))
                    if given]
@@ -197,13 +221,17 @@ def _eval(args):
         raise ValueError("--chunk applies to --mode sequential; drop it or add --mode sequential")
     elif args.workers != 1:
         raise ValueError("--workers applies to --sequential; drop it or add --sequential")
-    if args.router is not None and not many and len(args.router) != 1:
+    if args.router is not None and not (many or stream) and len(args.router) != 1:
         raise ValueError("--router takes one router for method svf (a list only with --composition / --sequential)")
     # Under `accelerate launch`: join the launch before loading, so that "cuda" means this process's own GPU.
     processes()
     setup = load_setup(args.model, args.data, args.start, args.n, train_data=args.train_data,
                        skip_bad=args.skip_bad)
-    if many:
+    if stream:
+        run_stream(setup, args.method, args.out, points, chunk=args.chunk if args.chunk != 1 else None,
+                   routers=args.router, workers=args.workers,
+                   time_budget=None if args.time_budget is None else 60 * args.time_budget)
+    elif many:
         run_many_experts(setup, args.out, composition=args.composition, sequential=args.sequential,
                          routers=args.router, workers=args.workers)
     else:

@@ -60,6 +60,7 @@ class ExpertInfo:
     name: str = ""
     edits: list[dict] = field(default_factory=list)
     steps: int | None = None
+    train_seconds: float | None = None  # training's wall time: steps, edit-success checks, its router's calibration
     data: str | None = None
     train_config: dict = field(default_factory=dict)
     edit_prompt_hashes: list[str] | None = None

@@ -22,13 +22,16 @@ from t2edit.editors import CONFIGURED, LEARNS_FROM_TRAINING_SPLIT, get_editor
 from t2edit.editors.settings import editor_config
 from t2edit.evaluation import evaluate_editor, format_table, write_results
 from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
+from t2edit.evaluation.runner import pre_edit_references
+from t2edit.evaluation.stream import SCORES, STREAM_POINTS, stream_editor, stream_points, write_stream
 from t2edit.experts import Expert
 from t2edit.leakage import check_expert_may_score, learning_pool, router_negatives
 from t2edit.models import resolve_model_path, shipped_model_available
 from t2edit.rollouts import make_vllm_rollouts
 from t2edit.routing import AUTOMATIC, OWN_ROUTER, ROUTERS, default_router
+from t2edit.runs import check_run_key, edits_digest, run_lock
 from t2edit.setup import EditingSetup, load_setup
-from t2edit.svf import apply_svf
+from t2edit.svf import apply_svf, model_fingerprint
 from t2edit.training import SVFTrainer, TrainConfig, apply_preset
 from t2edit.training.sharding import fsdp_requested, local_fraction, shard_svf_model
 
@@ -133,6 +136,71 @@ def run_many_experts(setup: EditingSetup, out_dir: str, composition: str | None 
         run_sequential(setup, out_dir, routers=routers or ("scope-split", "embedding"), workers=workers)
 
 
+# Each method's protocol in a stream, as edits per editor call: one at a time for the editors published as
+# lifelong ones (GRACE, WISE, FT-M, ROME, SVF's single-edit experts), batches for the batched least-squares editors.
+STREAM_CHUNKS = {"memit": 10, "alphaedit": 10}
+STREAM_METHODS = ("svf", "ft", "rome", "memit", "alphaedit", "grace", "wise", "serac")
+
+
+def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points: Sequence[int] = STREAM_POINTS,
+               chunk: int | None = None, routers: Sequence[str] | None = None, time_budget: float | None = None,
+               workers: int = 1, progress: bool = True) -> list[dict]:
+    """`t2edit eval --sequential --method ...`: every method edits the records in arrival order (its own protocol,
+    `STREAM_CHUNKS`, or `chunk` edits per call for all), scored at each point of `points` (and at the last edit)
+    on every edit so far. out_dir/stream.json and stream.png grow point by point; a method stopped early keeps
+    its points and continues from them when run again. SVF's rows are single-edit experts behind each of
+    `routers` (default scope-split), trained into out_dir/experts. `time_budget`: seconds per method."""
+    points = sorted(set(stream_points(len(setup.edits), points)) | {len(setup.edits)})
+    editors = {m: make_editor(m, setup, output_dir=str(Path(out_dir) / m)) for m in methods if m != "svf"}
+    one_shot = [m for m, editor in editors.items() if not getattr(editor, "sequential", False)]
+    if one_shot:
+        raise ValueError(f"method(s) {', '.join(one_shot)} cannot take edit after edit (each edit replaces the last); "
+                         f"a stream takes svf and {', '.join(m for m in STREAM_METHODS if m != 'svf')}")
+    out = Path(out_dir)
+    with run_lock(out):
+        check_run_key(out, {"edits": edits_digest(setup.edits), "base_model": model_fingerprint(setup.model)},
+                      "stream")
+        path = out / "stream.json"
+        rows = json.loads(path.read_text())["rows"] if path.exists() else []
+        title = f"{setup.model_name}: stream of {len(setup.edits)} edits"
+        references = pre_edit_references(setup.model, setup.tokenizer, setup.edits, progress=progress)
+        for method in methods:
+            if method == "svf":
+                deadline = None if time_budget is None else time.perf_counter() + time_budget
+                curve = run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=points,
+                                       workers=workers, deadline=deadline, experts_dir=out / "experts",
+                                       progress=progress)
+                mine = [_svf_stream_row(row) for row in curve]
+                rows = [r for r in rows if r["method"] not in {m["method"] for m in mine}] + mine
+                write_stream(rows, out, title)
+                continue
+            editor = editors[method]
+            done = [r for r in rows if r["method"] == editor.name]
+            others = [r for r in rows if r["method"] != editor.name]
+            scored = list(done)
+
+            def keep(row, scored=scored, others=others):
+                scored.append(row)
+                write_stream(others + sorted(scored, key=lambda r: r["edits"]), out, title)
+
+            mine = stream_editor(editor, setup.model, setup.tokenizer, setup.edits, references, points,
+                                 chunk or STREAM_CHUNKS.get(method, 1), done, keep, time_budget)
+            reached = {r["edits"] for r in mine}
+            rows = others + mine + [r for r in done if r["edits"] not in reached]
+            write_stream(rows, out, title)
+    log.info("wrote %s/stream.json and stream.png", out_dir)
+    return rows
+
+
+def _svf_stream_row(row: dict) -> dict:
+    """A row of SVF's sequential curve in the stream's columns."""
+    return {"method": f"svf ({row['router']})", "edits_per_call": 1, "edits": row["edits"],
+            **{k: row[k] for k in SCORES}, **{k: row[k] for k in row if k.startswith("first")},
+            "edit_seconds": row.get("train_seconds"),
+            "seconds_per_edit": None if row.get("train_seconds") is None else round(row["train_seconds"] / row["edits"], 3),
+            "score_seconds": row["seconds"]}
+
+
 def run_training(config: TrainConfig, accelerator=None):
     """Train one SVF expert as `config` says; returns (the Expert, also saved to output_dir/expert, the setup)."""
     setup = load_setup(config.model, config.data, config.start, config.n_edits, progress=config.progress,
@@ -215,5 +283,5 @@ def run_demo(out_dir: str = "runs/demo", n_edits: int | None = None, steps: int 
     return results
 
 
-__all__ = ["DEMO_METHODS", "make_editor", "run_demo", "run_eval", "run_many_experts", "run_training", "svf_router",
-           "train_config_for"]
+__all__ = ["DEMO_METHODS", "STREAM_CHUNKS", "make_editor", "run_demo", "run_eval", "run_many_experts", "run_stream",
+           "run_training", "svf_router", "train_config_for"]

@@ -13,7 +13,7 @@ Curve = tuple[str, Sequence[float], Sequence[float | None], str]
 
 def plot_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.PathLike, *, xlabel: str,
                 ylabel: str, ylim: tuple[float, float] | None = None, panel_width: float = 5.5,
-                dpi: int = 120) -> Path:
+                dpi: int = 120, xscale: str = "linear") -> Path:
     """Line plots, one panel per (title, curves) side by side, saved as one PNG at `path` (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -24,6 +24,7 @@ def plot_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.Pa
         for label, xs, ys, style in curves:
             axis.plot(list(xs), [float("nan") if y is None else y for y in ys], style, label=label)
         axis.set_title(title)
+        axis.set_xscale(xscale)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         if ylim is not None:

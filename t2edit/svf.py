@@ -286,6 +286,7 @@ class SVFLinear(nn.Module):
         self._cast_weight: torch.Tensor | None = None  # W' in the autocast dtype (bf16), made once per z
         self._cast_key = None
         self._cast_factors: tuple | None = None  # (dtype, device, U, Vh): factors in the training matmuls' dtype
+        self._factor_tokens: tuple = (None, 0)  # (z's key, tokens run through the factors without W' at that z)
         # W' is built in the base weight's dtype, recorded now: the base layer may hold a bf16 copy for a while
         # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
         self.weight_dtype = _weight_as_out_in(base_layer).dtype
@@ -365,10 +366,29 @@ class SVFLinear(nn.Module):
         bias = self.base_layer.bias
         if self.sharded or (torch.is_grad_enabled() and self.z.requires_grad):  # through the factors, no W' built
             out = _SpectralLinear.apply(x, self.singular_values(), *self.factors_for(x), bias)
+        elif self._through_factors_for_now(x):
+            with torch.no_grad():
+                out = _through_factors(x, self.singular_values(), *self.factors_for(x))[1]
+            out = out + bias if bias is not None else out
         else:
             out = x @ self.compute_weight(x).T
             out = out + bias if bias is not None else out
         return out
+
+    def _through_factors_for_now(self, x: torch.Tensor) -> bool:
+        """Whether a forward without gradient should skip building W' for this z: building it costs about as much
+        as `rank` tokens through the factors, so the first `rank` tokens a changed z sees go through the factors
+        (a training step that samples and checks a few short answers never pays for W'), and W' is built once more
+        come (at most twice the cheaper of the two). An untrained (uniform) z always uses W', which then equals W."""
+        key = (self.z._version, self.z.data_ptr())
+        if self._cache_key == key:
+            return False
+        if self._factor_tokens[0] != key:
+            uniform = bool((self.z == self.z.reshape(-1)[0]).all())
+            self._factor_tokens = (key, self.rank + 1 if uniform else 0)
+        tokens = self._factor_tokens[1] + x.numel() // max(1, x.shape[-1])
+        self._factor_tokens = (key, tokens)
+        return tokens <= self.rank
 
     def to_plain_layer(self) -> nn.Module:
         """The base layer with W' folded in (same class, same storage convention)."""

@@ -58,30 +58,44 @@ def test_factored_gradient_matches_autograd_through_full_recomposition(tiny_toke
     assert torch.allclose(svf_layer.z.grad, z.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_weight_is_recomposed_once_per_z_change(tiny_tokenizer, tiny_texts, monkeypatch):
+def test_weight_is_recomposed_once_per_z_change_and_only_when_enough_tokens_come(tiny_tokenizer, tiny_texts,
+                                                                                     monkeypatch):
     model = build_tiny_model(tiny_tokenizer)
     svf = apply_svf(model, SVFConfig(), progress=False)
-    calls = []
-    original = SVFLinear.singular_values
+    builds = []
+    original = SVFLinear.weight_for
 
-    def counting(self):
-        calls.append(torch.is_grad_enabled())
-        return original(self)
+    def counting(self, sigma):
+        builds.append(self)
+        return original(self, sigma)
 
-    monkeypatch.setattr(SVFLinear, "singular_values", counting)
+    monkeypatch.setattr(SVFLinear, "weight_for", counting)
     batch = tiny_tokenizer(tiny_texts, return_tensors="pt", padding=True)
     with torch.no_grad():
         for _ in range(3):
             svf(**batch)
-    assert len(calls) == 6  # built once per layer, reused by the next two forwards
+    assert len(builds) == 6  # an untrained z: W' (= W) built once per layer, reused by the next two forwards
     optimizer = torch.optim.Adam(svf.z_parameters(), lr=0.1)
     svf(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()
-    calls.clear()
+    builds.clear()
+    few = tiny_tokenizer(tiny_texts[:1], return_tensors="pt")
     with torch.no_grad():
-        svf(**batch)
-        svf(**batch)
-    assert len(calls) == 6  # z changed once -> one rebuild per layer
+        through_factors = svf(**few).logits
+    assert builds == []  # a changed z and a few tokens: through the factors, no W' built
+    with torch.no_grad():
+        for layer in svf.svf_layers().values():
+            layer.merged_weight()
+        merged = svf(**few).logits
+    assert torch.allclose(through_factors, merged, atol=1e-5)
+    builds.clear()
+    optimizer.step()
+    rank = min(layer.rank for layer in svf.svf_layers().values())
+    many = {k: v.repeat(rank // v.shape[1] + 1, 1) for k, v in few.items()}
+    with torch.no_grad():
+        svf(**many)
+        svf(**many)
+    assert len(builds) == 6  # more tokens than W' costs: built once per layer, then reused
 
 
 def test_target_selection_presets_and_patterns(tiny_tokenizer):

@@ -155,6 +155,35 @@ def test_kl_is_zero_at_the_unedited_model(tiny_world):
     assert abs(kl_bypassed[0].item()) < 1e-6
 
 
+def test_experts_sharing_the_unedited_models_answers_train_the_same_z_without_recomputing_them(tiny_world,
+                                                                                              tmp_path):
+    """A single-edit run or a stream trains expert after expert on one base model: the neighbours' unedited answers
+    and KL references are computed once for all of them, and an expert trained with them shared ends where it ends
+    when it computes them all itself."""
+    from t2edit.training.references import UneditedModelCache
+
+    edits, pool = tiny_edits()
+
+    def train(edit, cache, name):
+        model, tokenizer = _load(tiny_world)
+        config = TrainConfig(output_dir=str(tmp_path / name), steps=3, edits_per_step=1, neighbours_per_step=4,
+                             group_size=2, kl_coef=1.0, save_every=0, eval_every=0, progress=False)
+        svf = apply_svf(model, config.svf_config(), progress=False)
+        SVFTrainer(svf, tokenizer, [edit], pool, config, unedited=cache).train()
+        return svf.get_z()
+
+    shared = UneditedModelCache()
+    train(edits[0], shared, "first")
+    answered, computed = shared.generated, shared.computed
+    assert answered > 0 and computed > 0
+    second_shared = train(edits[1], shared, "second-shared")
+    alone = UneditedModelCache()
+    second_alone = train(edits[1], alone, "second-alone")
+    assert shared.generated - answered < alone.generated  # neighbours answered for the first expert not asked again
+    assert shared.computed - computed < alone.computed
+    assert all(torch.allclose(second_shared[k], second_alone[k], atol=1e-6) for k in second_alone)
+
+
 def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()

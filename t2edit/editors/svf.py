@@ -14,6 +14,7 @@ from t2edit.leakage import learning_pool
 from t2edit.routing import OWN_ROUTER, AdaptiveModel, get_router
 from t2edit.svf import apply_svf
 from t2edit.training import SVFTrainer, TrainConfig
+from t2edit.training.references import UneditedModelCache
 
 
 class SVFEditor(Editor):
@@ -49,16 +50,16 @@ class SVFEditor(Editor):
         self.calls = 0
         self.trained_experts = {} if trained_experts is None else trained_experts
         self.report: dict = {}  # merged into the evaluation's `extra`: whether the expert was loaded or trained
-        # Pass 1 on the unedited base model, kept across edit calls (single mode trains an expert and fits a router
-        # per record on much the same negatives): the router negatives' batches, and each calibration negative's
-        # state for the experts' own routers. Reset when another base model comes in.
+        # What the unedited base model says, kept across edit calls (single mode trains an expert and fits a router
+        # per record on much the same prompts): the router negatives' pass-1 batches, and the neighbours' answers,
+        # their KL references and the calibration negatives' states. Reset when another base model comes in.
         self._pass1_cache: dict = {}
-        self._negative_states: dict = {}
+        self.unedited = UneditedModelCache()
         self._pass1_model = None
 
     def edit(self, model, tokenizer, records):
         if self._pass1_model is not model:
-            self._pass1_cache, self._negative_states, self._pass1_model = {}, {}, model
+            self._pass1_cache, self.unedited, self._pass1_model = {}, UneditedModelCache(), model
         key = tuple((r.prompt, tuple(r.target_new)) for r in records)
         self.report = {"expert": "loaded" if self.expert_dir else "trained"}
         if self.expert_dir:
@@ -77,7 +78,7 @@ class SVFEditor(Editor):
                                     "output_dir": str(Path(self.config.output_dir) / f"edit-{self.calls:04d}")})
             self.last_trainer = SVFTrainer(svf_model, tokenizer, records, pool.neighbour_prompts, config,
                                            subject_prompts=pool.subject_prompts,
-                                           negative_states=self._negative_states)
+                                           unedited=self.unedited)
             expert = self.last_trainer.train()
             self.trained_experts[key] = expert
         svf_model.eval()

@@ -280,6 +280,8 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
                     "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
                     "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em,
                     "negatives": len(negatives), "router_fit_seconds": round(editor.fit_seconds, 2),
+                    # the experts' own training time (kept in each expert: a resumed run reports the same)
+                    "train_seconds": round(sum(loaded[d].info.train_seconds or 0.0 for d in dirs[:size]), 2),
                     "seconds": round(time.perf_counter() - row_started, 2),
                     "elapsed_seconds": round(time.perf_counter() - started, 1)}
                 curve.append(row)

@@ -121,7 +121,7 @@ _FINGERPRINT_TEXT = "The quick brown fox jumps over the lazy dog"
 
 
 @dataclass
-class _PreEditCache:
+class PreEditReferences:
     tokenizer_id: int
     fingerprint: torch.Tensor
     argmax: dict[tuple[str, str], list[int]] = field(default_factory=dict)
@@ -130,7 +130,7 @@ class _PreEditCache:
 
 # Keyed by the model object; each entry is also checked against the model's current logits, so a model trained
 # further between calls never reuses stale references (EasyEdit reused its pre-edit file if the count matched).
-_PRE_EDIT: "weakref.WeakKeyDictionary[torch.nn.Module, _PreEditCache]" = weakref.WeakKeyDictionary()
+_PRE_EDIT: "weakref.WeakKeyDictionary[torch.nn.Module, PreEditReferences]" = weakref.WeakKeyDictionary()
 
 
 def _prompt_logits(model, tokenizer, prompt: str) -> torch.Tensor:
@@ -145,12 +145,12 @@ def _same_logits(after: torch.Tensor, before: torch.Tensor, tolerance: float) ->
     return diff <= tolerance * max(1.0, before.abs().max().item()), diff
 
 
-def _pre_edit_references(model, tokenizer, jobs: list[_Job], batch_size: int, progress: bool) -> _PreEditCache:
+def _pre_edit_references(model, tokenizer, jobs: list[_Job], batch_size: int, progress: bool) -> PreEditReferences:
     fingerprint = _prompt_logits(model, tokenizer, _FINGERPRINT_TEXT)
     cache = _PRE_EDIT.get(model)
     if (cache is None or cache.tokenizer_id != id(tokenizer) or cache.fingerprint.shape != fingerprint.shape
             or not _same_logits(fingerprint, cache.fingerprint, 1e-5)[0]):
-        cache = _PreEditCache(id(tokenizer), fingerprint)
+        cache = PreEditReferences(id(tokenizer), fingerprint)
         _PRE_EDIT[model] = cache
     todo = [key for key in dict.fromkeys((j.prompt, j.answers[0]) for j in jobs) if key not in cache.argmax]
     if todo:
@@ -166,9 +166,17 @@ def _pre_edit_references(model, tokenizer, jobs: list[_Job], batch_size: int, pr
     return cache
 
 
+def pre_edit_references(model, tokenizer, records: Sequence[EditRecord], batch_size: int = M.DEFAULT_BATCH_SIZE,
+                        progress: bool = False) -> PreEditReferences:
+    """The unedited model's answers to every locality probe of `records` (for `evaluate_editor(references=...)`)."""
+    jobs, _ = _collect_jobs(list(records))
+    return _pre_edit_references(model, tokenizer, [j for mine in jobs for j in mine if j.family == "locality"],
+                                batch_size, progress)
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
-def _score_jobs(edited: EditedModel, tokenizer, jobs: list[_Job], refs: _PreEditCache, batch_size: int,
+def _score_jobs(edited: EditedModel, tokenizer, jobs: list[_Job], refs: PreEditReferences, batch_size: int,
                 progress: bool) -> list[tuple[_Job, float, float]]:
     """(job, EasyEdit score, strict score) for each job, all families in shared batches."""
     contexts = [edited.context(j.prompt) for j in jobs]
@@ -254,10 +262,12 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
                     mode: str = "batch", batch_size: int = M.DEFAULT_BATCH_SIZE, fluency: bool = True,
                     progress: bool = True, *, fluency_max_new_tokens: int = 100, seed: int = 0,
                     restore_tolerance: float = 1e-3, chunk_size: int = 1,
-                    procs: Processes | None = None) -> MethodResult:
+                    procs: Processes | None = None, references: PreEditReferences | None = None) -> MethodResult:
     """Edit `model` with `editor` (all records at once, one at a time, or in sequence), score every record,
     restore. `procs` (`t2edit.distributed.processes()` under a launch): split the records across the launched
-    processes, each of which must call this with the same arguments; every process gets the whole result."""
+    processes, each of which must call this with the same arguments; every process gets the whole result.
+    `references`: the unedited model's answers to the locality probes, from `pre_edit_references` (a stream scores a
+    model that already holds earlier edits; its locality is still measured against the unedited model's)."""
     procs = procs or Processes()
     if mode not in MODES:
         raise M.EvaluationInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -281,7 +291,8 @@ def evaluate_editor(editor: Editor, model: torch.nn.Module, tokenizer, records: 
     scored_here = set(share(range(len(records)), procs))  # the records this process scores
     progress = progress and procs.is_main
     locality_jobs = [j for i in sorted(scored_here) for j in jobs[i] if j.family == "locality"]
-    refs = _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode != "single")
+    refs = references if references is not None else \
+        _pre_edit_references(model, tokenizer, locality_jobs, batch_size, progress and mode != "single")
     pre_edit_seconds = time.perf_counter() - started
 
     groups = [[i] for i in sorted(scored_here)] if mode == "single" else [list(range(len(records)))]

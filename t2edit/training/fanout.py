@@ -27,6 +27,7 @@ from t2edit.runs import LOCK_NAME
 from t2edit.setup import load_setup
 from t2edit.svf import apply_svf
 from t2edit.training.config import TrainConfig, apply_preset
+from t2edit.training.references import UneditedModelCache
 from t2edit.training.trainer import SVFTrainer
 
 log = logging.getLogger("t2edit")
@@ -42,10 +43,10 @@ def expert_run_dir(out_dir, k: int) -> Path:
 
 
 def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, edited: Sequence[EditRecord],
-                     base_config=None, negative_states: dict | None = None) -> Path:
+                     base_config=None, unedited: UneditedModelCache | None = None) -> Path:
     """Train the expert of one chunk into run_dir/expert, unless it is already there (adding an expert never
-    retrains or rewrites another). Returns the expert directory. `negative_states`: a dict kept across the calls
-    on one base model, so each calibration negative of the experts' own routers is encoded once."""
+    retrains or rewrites another). Returns the expert directory. `unedited`: kept across the calls on one base
+    model, so the unedited model's answers, KL references and negatives' states are computed once for all."""
     # The settings of the model being edited, as `t2edit eval` uses them: the world preset for fact worlds, the
     # llm preset for a pretrained model.
     base = base_config or apply_preset(TrainConfig(
@@ -57,7 +58,9 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
             raise ValueError(f"{expert_dir} holds an expert for other edits ({found[:1]} ...) than this run's "
                              f"({chunk[0].prompt!r} ...); choose another output directory")
         return expert_dir
-    config = replace(base, output_dir=str(run_dir), save_every=0, eval_every=0, resume=False, progress=False,
+    # Edit-success checks only where they stop training early (the llm preset: at strict ES 1.0).
+    config = replace(base, output_dir=str(run_dir), save_every=0, resume=False, progress=False,
+                     eval_every=base.eval_every if base.stop_at_edit_success else 0,
                      steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
                      # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
                      # the edit, which then is not learned at all.
@@ -67,7 +70,7 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     try:
         # The trainer records each edit's prompt, subject and target in the expert (what the scope routers read).
         expert = SVFTrainer(svf_model, setup.tokenizer, list(chunk), pool, config, subject_prompts=subject,
-                            negative_states=negative_states).train()
+                            unedited=unedited).train()
         expert.save_pretrained(expert_dir)
     finally:
         svf_model.unload()
@@ -97,7 +100,7 @@ def trained_experts(setup, chunks: list[list[EditRecord]], out_dir: str | Path, 
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts",
                disable=not progress)
     if workers <= 1 or len(todo) <= 1:
-        states: dict = {}
+        states = UneditedModelCache()
         for k, chunk in enumerate(chunks):
             if k in todo:
                 train_one_expert(setup, chunk, expert_run_dir(out_dir, k), edited, base_config, states)
@@ -150,7 +153,7 @@ def _trained_across_processes(setup, chunks, out_dir, edited, base_config, progr
     barrier(procs)
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"{len(chunks)} experts, {procs.count} "
                f"processes", disable=not (progress and procs.is_main))
-    states: dict = {}
+    states = UneditedModelCache()
     with tempfile.TemporaryDirectory(prefix="t2edit-experts-") as scratch:
         for start in range(0, len(todo), procs.count):
             mine = todo[start + procs.index] if start + procs.index < len(todo) else None
@@ -192,7 +195,7 @@ def _worker_start(spec: dict, out_dir: str, edited: list[int], base_config):
     torch.set_num_threads(1)
     setup = load_setup(**{**spec, "progress": False})
     _WORKER.update(setup=setup, out_dir=out_dir, edited=[setup.edits[i] for i in edited], base=base_config,
-                   states={})
+                   states=UneditedModelCache())
 
 
 def _worker_train(task: tuple[int, list[int]]) -> tuple[int, float]:

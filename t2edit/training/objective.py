@@ -176,10 +176,31 @@ def scored_logits(model, tokenizer, prompts: list[str], completions: list[list[i
                                                                 tokenizer.pad_token_id)
 
 
+def reference_logprobs(model: SVFModel, tokenizer, prompts: list[str], completions: list[list[int]],
+                       precision: str = "fp32", cache=None) -> torch.Tensor:
+    """log π_unedited over the vocabulary at every completion token, row by row in order (the KL anchor's
+    reference). `cache` (a `UneditedModelCache`): rows it holds are not recomputed, and new ones are kept there."""
+    keys = [(precision, p, tuple(c)) for p, c in zip(prompts, completions)]
+    found = [cache.logprobs(k) if cache is not None else None for k in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        with torch.no_grad(), model_bypassed(model), autocast_context(model.device, precision), \
+                frozen_weights_cast(model):
+            logits, _, _ = scored_logits(model, tokenizer, [prompts[i] for i in missing],
+                                         [completions[i] for i in missing])
+        fresh = torch.log_softmax(logits.float(), -1).split([len(completions[i]) for i in missing])
+        for i, rows in zip(missing, fresh):
+            found[i] = rows.clone() if cache is not None else rows  # a view would keep the whole batch alive
+            if cache is not None:
+                cache.keep_logprobs(keys[i], found[i])
+    return torch.cat(found) if found else torch.zeros(0, device=model.device)
+
+
 def sequence_logprobs(model: SVFModel, tokenizer, prompts: list[str], completions: list[list[int]],
-                      kl_rows: torch.Tensor | None = None, precision: str = "fp32"):
+                      kl_rows: torch.Tensor | None = None, precision: str = "fp32", references=None):
     """Σ log π(completion | prompt) per row (differentiable in z) and, for the rows marked in `kl_rows`, the exact
-    KL(π_unedited ‖ π) over the vocabulary, summed over the completion's positions (0 elsewhere)."""
+    KL(π_unedited ‖ π) over the vocabulary, summed over the completion's positions (0 elsewhere). `references`: a
+    `UneditedModelCache` that keeps the unedited side of the KL across steps and experts."""
     device = model.device
     if not prompts:  # every rollout of the step had advantage 0: nothing to score
         empty = torch.zeros(0, device=device)
@@ -193,10 +214,8 @@ def sequence_logprobs(model: SVFModel, tokenizer, prompts: list[str], completion
         return per_row, torch.zeros_like(per_row)
     kl_rows = kl_rows.to(device)
     picked = kl_rows.nonzero().squeeze(-1).tolist()
-    with torch.no_grad(), model_bypassed(model), autocast_context(device, precision), frozen_weights_cast(model):
-        reference, _, _ = scored_logits(model, tokenizer, [prompts[i] for i in picked],
-                                        [completions[i] for i in picked])
-    reference = torch.log_softmax(reference.float(), -1)
+    reference = reference_logprobs(model, tokenizer, [prompts[i] for i in picked], [completions[i] for i in picked],
+                                   precision, references).to(device)
     keep = kl_rows[row_of]  # positions are ordered row by row in both passes, so the KL rows line up
     kl_tokens = (reference.exp() * (reference - policy[keep])).sum(-1)
     kl = torch.zeros_like(per_row).index_add(0, row_of[keep], kl_tokens)

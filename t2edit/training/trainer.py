@@ -48,6 +48,7 @@ from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
 from t2edit.training.objective import group_advantages, make_scheduler, score_rows, sequence_logprobs
+from t2edit.training.references import UneditedModelCache
 
 log = logging.getLogger("t2edit")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -67,7 +68,7 @@ class TrainItem:
 class SVFTrainer:
     def __init__(self, model: SVFModel, tokenizer, edits: list[EditRecord], neighbour_prompts: list[str],
                  config: TrainConfig, rollouts=None, accelerator=None, subject_prompts: list[str] = (),
-                 negative_states: dict | None = None):
+                 unedited: UneditedModelCache | None = None):
         if not edits:
             raise ValueError("no edits to train on; check the data file and the start / n_edits selection")
         if config.objective not in ("reinforce", "ce"):
@@ -76,9 +77,9 @@ class SVFTrainer:
         check_fits_context(model, tokenizer, [(f"record {r.index}'s edit", f"{r.prompt} {max(r.target_new, key=len)}")
                                               for r in edits], 2)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        # The unedited model's pass-1 state of each calibration negative, kept by a caller that trains many
-        # experts on one base model (a single-edit run, a stream), so each negative is encoded once.
-        self.negative_states = negative_states
+        # What the unedited model says about the neighbours and negatives: kept by a caller that trains many experts
+        # on one base model (a single-edit run, a stream), so each is computed once for all of them.
+        self.unedited = unedited if unedited is not None else UneditedModelCache()
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
         # Data parallel under `accelerate launch --num_processes N`: each process takes its share of a step's edits,
@@ -105,7 +106,6 @@ class SVFTrainer:
         # costs nothing before step 1.
         self.neighbour_prompts = list(neighbour_prompts)
         self.subject_prompts = list(subject_prompts)
-        self.reference_answers: dict[str, str] = {}
         self.seen_prompts: set[str] = set()  # every prompt the policy was trained on (tests check no leakage)
         self.optimizer = torch.optim.Adam(model.z_parameters(), lr=config.learning_rate)
         self.scheduler = make_scheduler(self.optimizer, config)
@@ -125,21 +125,15 @@ class SVFTrainer:
 
     def _with_references(self, keyed: list[tuple[int, str]], anchors: bool) -> list[TrainItem]:
         prompts = [p for _, p in keyed]
-        missing = [p for p in prompts if p not in self.reference_answers]
-        if missing:
-            # Generation on a CPU costs about the same for a few prompts as for many (per-token overhead dominates), so
-            # the answers of the neighbours the next steps will draw are computed in the same call.
-            order, pool = (self.subject_order, self.subject_prompts) if anchors else \
-                (self.neighbour_order, self.neighbour_prompts)
-            upcoming = [pool[i] for i in reversed(order)]
-            missing += [p for p in dict.fromkeys(upcoming) if p not in self.reference_answers
-                        and p not in missing][:max(0, self.config.reference_batch - len(missing))]
-            with model_bypassed(self.model), autocast_context(self.model.device, self.config.precision):
-                answers = greedy_answers(self.model, self.tokenizer, missing, self.max_new_tokens)
-            self.reference_answers.update(zip(missing, answers))
+        # The answers of the neighbours the next steps will draw are generated in the same call when any is missing.
+        order, pool = (self.subject_order, self.subject_prompts) if anchors else \
+            (self.neighbour_order, self.neighbour_prompts)
+        upcoming = list(dict.fromkeys(pool[i] for i in reversed(order)))[:max(0, self.config.reference_batch
+                                                                                  - len(prompts))]
+        with model_bypassed(self.model), autocast_context(self.model.device, self.config.precision):
+            answers = self.unedited.greedy_answers(self.model, self.tokenizer, prompts, self.max_new_tokens, upcoming)
         items = []
-        for key, prompt in keyed:
-            answer = self.reference_answers[prompt]
+        for (key, prompt), answer in zip(keyed, answers):
             if answer and not (anchors and self._asks_edited_fact(prompt, answer)):
                 items.append(TrainItem(prompt, [answer], "neighbour", key))
         return items
@@ -243,7 +237,7 @@ class SVFTrainer:
             kl_rows = torch.tensor([kinds[r] == "neighbour" for r in chunk_rows]) if n_kl else None
             logps, kl = sequence_logprobs(self.model, tokenizer, [prompts[r] for r in chunk_rows],
                                           [completions[r] for r in chunk_rows], kl_rows=kl_rows,
-                                          precision=config.precision)
+                                          precision=config.precision, references=self.unedited)
             # Σ advantage · log π over the distinct rollouts, per prompt of the batch (a fixed denominator: rows
             # whose advantage is 0 are skipped, which must not change the scale of the others).
             loss = -(rows.advantage[chunk].to(logps.device) * logps).sum() / n_groups
@@ -386,8 +380,9 @@ class SVFTrainer:
         # The router's keys are the edit prompts; what it must not route are the prompts trained to stay unchanged.
         router = calibrate_own_router(self.model, self.tokenizer, [r.prompt for r in self.edits],
                                       self.calibration_negatives(), config.route_margin,
-                                      negative_states=self.negative_states)
+                                      negative_states=self.unedited.negative_states)
         info = ExpertInfo(name=self.output_dir.name, steps=self.step, data=config.data, train_config=asdict(config),
+                          train_seconds=round(time.time() - started, 2),
                           # the edits with their subjects: what the scope routers key on
                           edits=edit_entries(self.edits))
         expert = Expert.from_model(self.model, router=router, info=info, edit_prompts=[r.prompt for r in self.edits],

@@ -1,0 +1,81 @@
+"""The stream of edits (`t2edit eval --sequential --method ...`): edit after edit on the model the last call left,
+scored at each point against the unedited model's answers, resumable from its rows."""
+import json
+
+import pytest
+import torch
+
+from t2edit.evaluation import evaluate_editor
+from t2edit.evaluation.stream import FIRST, SCORES, stream_points
+from t2edit.jobs import make_editor, run_stream
+from t2edit.setup import load_setup
+from tests.test_sequential import world_dir  # noqa: F401  (the fixture)
+
+SCORED = SCORES + (f"first{FIRST}_edit_success", f"first{FIRST}_edit_success_em")
+
+
+def _scores(rows):
+    return [(r["method"], r["edits"], *(r[k] for k in SCORED)) for r in rows]
+
+
+def _logits(setup):
+    ids = setup.tokenizer(setup.edits[0].prompt, return_tensors="pt")
+    with torch.no_grad():
+        return setup.model(**ids).logits
+
+
+@pytest.mark.parametrize("method", ["ft", "grace"])
+def test_the_last_point_scores_what_a_sequential_evaluation_scores_and_the_model_comes_back(world_dir, tmp_path,
+                                                                                            method):
+    world, data = world_dir
+    setup = load_setup(world, data, 0, 3, progress=False)
+    before = _logits(setup)
+    rows = run_stream(setup, [method], str(tmp_path / "stream"), points=[1, 3], progress=False)
+    assert [r["edits"] for r in rows] == [1, 3]
+    assert torch.equal(_logits(setup), before)  # every edit of the stream undone
+    # The same edits made in one sequential evaluation, whose locality references come from the unedited model:
+    # the stream's model already holds edits when it is scored, and must still be measured against the unedited one.
+    reference = evaluate_editor(make_editor(method, setup, output_dir=str(tmp_path / "ref")), setup.model,
+                                setup.tokenizer, setup.edits, mode="sequential", fluency=False, progress=False)
+    last = rows[-1]
+    for key in SCORES:
+        assert last[key] == pytest.approx(getattr(reference, key), abs=1e-6), key
+    saved = json.loads((tmp_path / "stream" / "stream.json").read_text())
+    assert _scores(saved["rows"]) == _scores(rows)
+    assert (tmp_path / "stream" / "stream.png").stat().st_size > 1000
+
+
+def test_a_stopped_stream_continues_from_its_rows_and_gives_the_same_curve(world_dir, tmp_path, monkeypatch):
+    world, data = world_dir
+    setup = load_setup(world, data, 0, 3, progress=False)
+    whole = run_stream(setup, ["grace"], str(tmp_path / "whole"), points=[1, 2, 3], progress=False)
+    out = tmp_path / "stopped"
+    run_stream(setup, ["grace"], str(out), points=[1, 2, 3], progress=False)
+    saved = json.loads((out / "stream.json").read_text())
+    saved["rows"] = saved["rows"][:1]  # killed after its first point
+    (out / "stream.json").write_text(json.dumps(saved))
+    import t2edit.evaluation.stream as stream_module
+
+    scored = []
+    real = stream_module.evaluate_editor
+
+    def counting(editor, model, tokenizer, records, **kwargs):
+        scored.append(len(records))
+        return real(editor, model, tokenizer, records, **kwargs)
+
+    monkeypatch.setattr(stream_module, "evaluate_editor", counting)
+    resumed = run_stream(setup, ["grace"], str(out), points=[1, 2, 3], progress=False)
+    assert _scores(resumed) == _scores(whole)
+    assert 1 not in scored[::2]  # the first point was replayed, not scored again
+
+
+def test_a_method_that_cannot_stream_is_named_before_anything_runs(world_dir, tmp_path):
+    world, data = world_dir
+    setup = load_setup(world, data, 0, 3, progress=False)
+    with pytest.raises(ValueError, match="lora cannot take edit after edit"):
+        run_stream(setup, ["grace", "lora"], str(tmp_path), points=[1], progress=False)
+    assert not (tmp_path / "stream.json").exists()
+    assert stream_points(1000) == [10, 50, 100, 250, 500, 1000] and stream_points(30) == [10]
+    assert stream_points(5) == [5]
+    with pytest.raises(ValueError, match="at least 1"):
+        stream_points(10, [0, 5])
