@@ -42,8 +42,10 @@ DEMO_METHODS = ("none", "svf", "svf-always", "lora", "ft", "ike", "prompt")
 
 
 def train_config_for(setup: EditingSetup, **overrides) -> TrainConfig:
-    """The settings of the model being edited: the world preset for fact worlds, the llm preset otherwise."""
-    return apply_preset(TrainConfig(model=None if setup.world_report is not None else setup.model_name, **overrides))
+    """The settings of the model being edited: the world preset for fact worlds, the llm preset otherwise; `overrides`
+    win over the preset."""
+    return apply_preset(TrainConfig(model=None if setup.world_report is not None else setup.model_name, **overrides),
+                        explicit=set(overrides))
 
 
 def make_editor(method: str, setup: EditingSetup, expert_dir: str | None = None, train_config=None,

@@ -286,7 +286,7 @@ class SVFLinear(nn.Module):
         self._cast_weight: torch.Tensor | None = None  # W' in the autocast dtype (bf16), made once per z
         self._cast_key = None
         self._cast_factors: tuple | None = None  # (dtype, device, U, Vh): factors in the training matmuls' dtype
-        self._factor_tokens: tuple = (None, 0)  # (z's key, tokens run through the factors without W' at that z)
+        self._frozen: tuple = (None, 0, False)  # (z's key, tokens run through the factors at that z, f(z) = 1)
         # W' is built in the base weight's dtype, recorded now: the base layer may hold a bf16 copy for a while
         # (t2edit.precision.frozen_weights_cast) and W' must not follow it.
         self.weight_dtype = _weight_as_out_in(base_layer).dtype
@@ -365,30 +365,38 @@ class SVFLinear(nn.Module):
             return self.row_plan(self, x)
         bias = self.base_layer.bias
         if self.sharded or (torch.is_grad_enabled() and self.z.requires_grad):  # through the factors, no W' built
-            out = _SpectralLinear.apply(x, self.singular_values(), *self.factors_for(x), bias)
-        elif self._through_factors_for_now(x):
+            return _SpectralLinear.apply(x, self.singular_values(), *self.factors_for(x), bias)
+        path = self._frozen_path(x)
+        if path == "base":  # W' equals W
+            return self.base_layer(x)
+        if path == "factors":
             with torch.no_grad():
                 out = _through_factors(x, self.singular_values(), *self.factors_for(x))[1]
-            out = out + bias if bias is not None else out
         else:
             out = x @ self.compute_weight(x).T
-            out = out + bias if bias is not None else out
-        return out
+        return out + bias if bias is not None else out
 
-    def _through_factors_for_now(self, x: torch.Tensor) -> bool:
-        """Whether a forward without gradient should skip building W' for this z: building it costs about as much
-        as `rank` tokens through the factors, so the first `rank` tokens a changed z sees go through the factors
-        (a training step that samples and checks a few short answers never pays for W'), and W' is built once more
-        come (at most twice the cheaper of the two). An untrained (uniform) z always uses W', which then equals W."""
+    def neutral(self) -> bool:
+        """Whether z leaves W as it is: f(z) = 1 everywhere, or uniform when the singular values keep their sum."""
+        m = self.config.multiplier(self.z.detach().float()).reshape(-1)
+        return bool((m == m[0]).all()) and (self.config.norm_preserving or bool(m[0] == 1))
+
+    def _frozen_path(self, x: torch.Tensor) -> str:
+        """How a forward without gradient runs: "base" at a neutral z (W' is W), "factors" while a changed
+        z has seen fewer tokens than building W' costs (about `rank` tokens through the factors: a training step
+        that samples and checks a few short answers never pays for W'), else "merged" (W', built once per z: at
+        most twice the cheaper of the two)."""
         key = (self.z._version, self.z.data_ptr())
+        if self._frozen[0] != key:
+            self._frozen = (key, 0, self.neutral())
+        _, tokens, neutral = self._frozen
+        if neutral:
+            return "base"
         if self._cache_key == key:
-            return False
-        if self._factor_tokens[0] != key:
-            uniform = bool((self.z == self.z.reshape(-1)[0]).all())
-            self._factor_tokens = (key, self.rank + 1 if uniform else 0)
-        tokens = self._factor_tokens[1] + x.numel() // max(1, x.shape[-1])
-        self._factor_tokens = (key, tokens)
-        return tokens <= self.rank
+            return "merged"
+        tokens += x.numel() // max(1, x.shape[-1])
+        self._frozen = (key, tokens, neutral)
+        return "factors" if tokens <= self.rank else "merged"
 
     def to_plain_layer(self) -> nn.Module:
         """The base layer with W' folded in (same class, same storage convention)."""

@@ -58,6 +58,13 @@ def test_factored_gradient_matches_autograd_through_full_recomposition(tiny_toke
     assert torch.allclose(svf_layer.z.grad, z.grad, atol=1e-5, rtol=1e-4)
 
 
+def model_bypassed_logits(svf, batch):
+    from t2edit.svf import model_bypassed
+
+    with model_bypassed(svf):
+        return svf(**batch).logits
+
+
 def test_weight_is_recomposed_once_per_z_change_and_only_when_enough_tokens_come(tiny_tokenizer, tiny_texts,
                                                                                      monkeypatch):
     model = build_tiny_model(tiny_tokenizer)
@@ -72,9 +79,10 @@ def test_weight_is_recomposed_once_per_z_change_and_only_when_enough_tokens_come
     monkeypatch.setattr(SVFLinear, "weight_for", counting)
     batch = tiny_tokenizer(tiny_texts, return_tensors="pt", padding=True)
     with torch.no_grad():
+        base = model_bypassed_logits(svf, batch)
         for _ in range(3):
-            svf(**batch)
-    assert len(builds) == 6  # an untrained z: W' (= W) built once per layer, reused by the next two forwards
+            assert torch.equal(svf(**batch).logits, base)
+    assert builds == []  # the neutral z: W' is W, nothing to build
     optimizer = torch.optim.Adam(svf.z_parameters(), lr=0.1)
     svf(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()

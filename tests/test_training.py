@@ -310,6 +310,14 @@ def test_llm_preset_fills_what_the_user_did_not_set(tmp_path):
     run.write_text("model: smollm2-135m\nkl_coef: 3.5\n")
     from_yaml = parse_train_config(["--config", str(run), "--output_dir", str(tmp_path)])
     assert from_yaml.kl_coef == 3.5 and from_yaml.learning_rate == preset("llm")["learning_rate"]
+    # Settings a job passes in code win over the preset too.
+    from types import SimpleNamespace
+
+    from t2edit.jobs import train_config_for
+
+    given = train_config_for(SimpleNamespace(world_report=None, model_name="smollm2-135m"), learning_rate=0.07,
+                             eval_every=1)
+    assert (given.learning_rate, given.eval_every) == (0.07, 1) and given.top_k == preset("llm")["top_k"]
 
 
 def test_a_config_with_an_unknown_or_broken_setting_is_one_clear_error(tmp_path):
