@@ -82,6 +82,9 @@ class TrainConfig:
 
     # -- locality ----------------------------------------------------------------------------------------------------
     neighbours_per_step: int = field(default=64, metadata=_doc("prompts of other facts per step"))
+    neighbours_per_edit: int = field(default=4, metadata=_doc(
+        "at most this many neighbours per edit in a step (0: no cap): many neighbour rows drown one edit row, and "
+        "on a real model they are most of a small expert's step"))
     sample_neighbours: bool = field(default=True, metadata=_doc(
         "also sample neighbour prompts and reward keeping the unedited answer; false: neighbours are anchored by "
         "the KL term alone (the llm preset)"))
@@ -122,7 +125,8 @@ class TrainConfig:
     def __post_init__(self):
         """One clear line for a setting that cannot work, before anything is loaded or written."""
         at_least = {"steps": 1, "n_edits": 1, "start": 0, "group_size": 1, "edits_per_step": 1, "top_k": 0,
-                    "neighbours_per_step": 0, "subject_neighbours_per_step": 0, "max_new_tokens": 0, "warmup_steps": 0,
+                    "neighbours_per_step": 0, "neighbours_per_edit": 0, "subject_neighbours_per_step": 0,
+                    "max_new_tokens": 0, "warmup_steps": 0,
                     "rows_per_chunk": 1, "reference_batch": 1, "router_calibration_prompts": 0, "save_every": 0,
                     "eval_every": 0}
         for name, low in at_least.items():

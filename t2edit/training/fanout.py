@@ -61,10 +61,7 @@ def train_one_expert(setup, chunk: Sequence[EditRecord], run_dir: str | Path, ed
     # Edit-success checks only where they stop training early (the llm preset: at strict ES 1.0).
     config = replace(base, output_dir=str(run_dir), save_every=0, resume=False, progress=False,
                      eval_every=base.eval_every if base.stop_at_edit_success else 0,
-                     steps=steps_for(len(chunk), base.steps), n_edits=len(chunk),
-                     # Neighbours in proportion to the edits: 64 neighbour rows against one edit row drown
-                     # the edit, which then is not learned at all.
-                     neighbours_per_step=min(base.neighbours_per_step, 4 * len(chunk)))
+                     steps=steps_for(len(chunk), base.steps), n_edits=len(chunk))
     pool, subject = training_pools(setup, edited, chunk)
     svf_model = apply_svf(setup.model, config.svf_config(), progress=False)
     try:

@@ -153,8 +153,11 @@ class SVFTrainer:
         state), numbers its items (`TrainItem.key`) and keeps items rank, rank + N, ... of each kind."""
         edits = [self.edit_items[i] for i in self._next_indices("edit_order", len(self.edit_items),
                                                                  self.config.edits_per_step)]
-        neighbours = [self.neighbour_prompts[i] for i in self._next_indices(
-            "neighbour_order", len(self.neighbour_prompts), self.config.neighbours_per_step)]
+        per_step = self.config.neighbours_per_step
+        if self.config.neighbours_per_edit:
+            per_step = min(per_step, self.config.neighbours_per_edit * len(self.edit_items))
+        neighbours = [self.neighbour_prompts[i] for i in self._next_indices("neighbour_order",
+                                                                            len(self.neighbour_prompts), per_step)]
         anchors = [self.subject_prompts[i] for i in self._next_indices(
             "subject_order", len(self.subject_prompts), self.config.subject_neighbours_per_step)]
         edits = [TrainItem(item.prompt, item.answers, item.kind, k) for k, item in enumerate(edits)]
