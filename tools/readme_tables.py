@@ -39,6 +39,8 @@ _FIELD_GRID_NOTE = ("each row is that command's evaluation, one record at a time
                     "records 210-229 with `--start 210 --n 20`")
 FIELD_EDITORS = "rome,memit,alphaedit,grace,wise,serac"
 _SEQ520 = "python benchmarks/device_seq500.py --data " + KNOWEDIT
+STREAM_COMMAND = (f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 1000 --sequential "
+                  "--method grace,ft,svf,wise,memit,alphaedit --time-budget 40 --out runs/stream")
 
 
 TABLES = [
@@ -191,6 +193,9 @@ TABLES = [
           "`results/crosscheck_easyedit.json`"),
     Table("svf-edit-cost", "results/svf_edit_cost.json",
           f"python benchmarks/svf_edit_cost.py --data {KNOWEDIT} --n 4 --threads 2", "results/svf_edit_cost.json"),
+    Table("svf-single-grid", "results/svf_single_grid.json",
+          f"python benchmarks/svf_single_grid.py --data {KNOWEDIT} --n 6 --threads 2", "results/svf_single_grid.json"),
+    Table("stream-smollm2", "results/stream_smollm2.json", STREAM_COMMAND, "runs/stream/stream.json"),
     Table("mutmut", "results/mutmut/mutmut_summary.json",
           'mutmut run "t2edit.leakage*" "rewards.builtin*" "t2edit.evaluation.metrics*" "t2edit.svf*" && '
           "python tools/mutmut_report.py results/mutmut", "results/mutmut/mutmut_summary.json"),
@@ -204,9 +209,13 @@ PLOTS = [("results/smollm2_knowedit_batch50.json", "docs/smollm2_batch50.png",
           "SmolLM2-135M, KnowEdit train_cf: single edits, records 0-19")]
 
 
+STREAM_PLOTS = [("results/stream_smollm2.json", "docs/stream_smollm2.png")]
+
+
 def write_plots(root: Path = REPO) -> list[Path]:
     from t2edit.evaluation.report import bar_plot
     from t2edit.evaluation.runner import MethodResult
+    from t2edit.evaluation.stream import plot_stream
 
     written = []
     for source, target, title in PLOTS:
@@ -216,6 +225,10 @@ def write_plots(root: Path = REPO) -> list[Path]:
         if not path.exists() or path.read_bytes() != image:
             path.write_bytes(image)
             written.append(path)
+    for source, target in STREAM_PLOTS:
+        if (root / source).exists():
+            payload = json.loads((root / source).read_text(encoding="utf-8"))
+            written.append(plot_stream(payload["rows"], root / target, payload.get("title", "")))
     return written
 
 
@@ -604,6 +617,42 @@ def _svf_edit_cost_block(payload: dict) -> list[str]:
     return lines
 
 
+def _svf_single_grid_block(payload: dict) -> list[str]:
+    """A single-edit SVF expert's seconds, steps and scores under each training setting."""
+    lines = [f"{payload['model']}, records {payload['records']}, {payload['device']}; one expert per record, the "
+             f"unedited model's side already cached (the cold first edit of a run: "
+             f"{payload['cold_first_edit_seconds']:.0f} s). ES / Loc / Port teacher-forced (strict EM in brackets); "
+             "`svf`: behind the expert's own router, `svf-always`: the expert on every prompt.", "",
+             "| setting | s per edit | steps | svf ES | svf Loc | svf Port | svf-always Loc | svf-always Port |",
+             "|---" * 8 + "|"]
+    for row in payload["rows"]:
+        routed, always = row["svf"], row["svf-always"]
+
+        def cell(scores, key):
+            return f"{_pct(scores[key])} ({_pct(scores[key + '_em'])})"
+        lines.append(f"| {row['variant']} | **{row['seconds_per_edit']:.1f}** | {row['mean_steps']:.1f} | "
+                     f"{cell(routed, 'edit_success')} | {cell(routed, 'locality')} | {cell(routed, 'portability')} | "
+                     f"{cell(always, 'locality')} | {cell(always, 'portability')} |")
+    return lines
+
+
+def _stream_block(payload: dict) -> list[str]:
+    """Each method's stream: scores at every point T, the first 10 edits' strict ES, seconds per edit."""
+    rows = payload["rows"]
+    lines = ["| method (edits per call) | T | ES | Loc | Port | ES EM | Loc EM | Port EM | first 10 ES EM | "
+             "s per edit |", "|---" * 10 + "|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["edits"])
+        for r in mine:
+            seconds = "–" if r.get("seconds_per_edit") is None else f"{r['seconds_per_edit']:.2f}"
+            lines.append(f"| {method} ({r['edits_per_call']}) | {r['edits']} | " + " | ".join(
+                _pct(r[k]) for k in ("edit_success", "locality", "portability", "edit_success_em", "locality_em",
+                                     "portability_em", "first10_edit_success_em")) + f" | {seconds} |")
+    reached = {m: max(r["edits"] for r in rows if r["method"] == m) for m in dict.fromkeys(r["method"] for r in rows)}
+    lines += ["", "Largest T reached: " + ", ".join(f"{m} {t}" for m, t in reached.items()) + "."]
+    return lines
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -642,7 +691,8 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "vllm-sync-cpu": _vllm_sync_block, "vllm-sync-models": _vllm_sync_block, "z-payload": _z_payload_block,
           "scaling-cpu": _scaling_block, "field-tuning-locate": _field_tuning_block,
           "field-tuning-memory": _field_tuning_block, "key-samples": _key_samples_block,
-          "crosscheck": _crosscheck_block, "svf-edit-cost": _svf_edit_cost_block}
+          "crosscheck": _crosscheck_block, "svf-edit-cost": _svf_edit_cost_block,
+          "svf-single-grid": _svf_single_grid_block, "stream-smollm2": _stream_block}
 _NEEDS_REPO = (_mutmut_block, _crosscheck_block)  # blocks that read a second file of the repository
 CROSSCHECK_EASYEDIT = "results/crosscheck_easyedit.json"
 # Every file a block reads besides its table's own source.

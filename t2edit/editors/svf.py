@@ -103,9 +103,13 @@ class ExpertsEditor(Editor):
     (on the experts and the negatives; the records it is asked to edit only decide which experts exist)."""
 
     def __init__(self, expert_dirs: Sequence[str | Path], router_factory: Callable[[], object], name: str,
-                 negatives: Sequence[str] = (), mixing: str = "auto", loaded: dict | None = None):
+                 negatives: Sequence[str] = (), mixing: str = "auto", loaded: dict | None = None,
+                 pass1_cache: dict | None = None):
         self.expert_dirs, self.router_factory, self.name = [str(d) for d in expert_dirs], router_factory, name
         self.negatives, self.mixing = list(negatives), mixing
+        # The negatives' pass-1 batches on the unedited model, shared by the editors of one base model (a sequential
+        # curve fits a router at every point on much the same negatives).
+        self.pass1_cache = pass1_cache
         # Experts already read from disk, by directory, shared between editors (a sequential curve reads the
         # first experts again at every point); nothing here changes an expert once loaded.
         self.loaded = {} if loaded is None else loaded
@@ -122,7 +126,7 @@ class ExpertsEditor(Editor):
             self.router = self.router_factory()
         started = time.perf_counter()
         adaptive = AdaptiveModel.from_experts(model, experts, self.router, tokenizer, mixing=self.mixing, fit=fit,
-                                              negatives=self.negatives)
+                                              negatives=self.negatives, pass1_cache=self.pass1_cache)
         if fit:
             self.fit_seconds = time.perf_counter() - started
         elif hasattr(self.router, "model"):

@@ -251,6 +251,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     curve: list[dict] = []
     loaded: dict = {}
+    pass1: dict = {}  # the negatives' pass 1 on the unedited model, shared by every point's router fit
     started = time.perf_counter()
     last_point_seconds, last_size = 0.0, 0
     ready = trained_experts(setup, chunks, experts_dir, edits, base_config, progress, workers, procs)
@@ -271,7 +272,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
             for name in routers:
                 row_started = time.perf_counter()
                 editor = ExpertsEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}",
-                                        negatives, loaded=loaded)
+                                        negatives, loaded=loaded, pass1_cache=pass1)
                 result = evaluate_editor(editor, setup.model, setup.tokenizer, so_far, fluency=False,
                                          progress=False, batch_size=batch_size)
                 first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(10, size)], fluency=False,
