@@ -28,12 +28,12 @@ FIRST_TRAINING_RECORD = 200  # records 0-49 are the tables' edits; tuning and be
 # when the preset does)
 VARIANTS = {
     # the greedy edit-success check every 5 steps, lr 0.02, 16 neighbours per step
-    "check-5/lr-0.02/nb-16": {"eval_every": 5, "learning_rate": 0.02, "neighbours_per_edit": 0},
+    "check-5/lr-0.02/nb-16": {"eval_every": 5, "single_edit_learning_rate": 0.02, "neighbours_per_edit": 0},
     # checked after every step: training stops at the first step that edits
-    "check-1/lr-0.02/nb-16": {"eval_every": 1, "learning_rate": 0.02, "neighbours_per_edit": 0},
-    "check-1/lr-0.05/nb-16": {"eval_every": 1, "learning_rate": 0.05, "neighbours_per_edit": 0},
-    "check-1/lr-0.05/nb-4": {"eval_every": 1, "learning_rate": 0.05, "neighbours_per_edit": 4},
-    "check-1/lr-0.1/nb-4": {"eval_every": 1, "learning_rate": 0.1, "neighbours_per_edit": 4},
+    "check-1/lr-0.02/nb-16": {"eval_every": 1, "single_edit_learning_rate": 0.02, "neighbours_per_edit": 0},
+    "check-1/lr-0.05/nb-16": {"eval_every": 1, "single_edit_learning_rate": 0.05, "neighbours_per_edit": 0},
+    "check-1/lr-0.05/nb-4": {"eval_every": 1, "single_edit_learning_rate": 0.05, "neighbours_per_edit": 4},
+    "check-1/lr-0.1/nb-4": {"eval_every": 1, "single_edit_learning_rate": 0.1, "neighbours_per_edit": 4},
 }
 
 

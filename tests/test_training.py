@@ -318,6 +318,18 @@ def test_llm_preset_fills_what_the_user_did_not_set(tmp_path):
     given = train_config_for(SimpleNamespace(world_report=None, model_name="smollm2-135m"), learning_rate=0.07,
                              eval_every=1)
     assert (given.learning_rate, given.eval_every) == (0.07, 1) and given.top_k == preset("llm")["top_k"]
+    with pytest.raises(ValueError, match="single_edit_learning_rate=0"):
+        TrainConfig(single_edit_learning_rate=0)
+
+
+def test_an_expert_of_one_edit_takes_its_own_learning_rate(tiny_world, tmp_path):
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path), learning_rate=0.01, single_edit_learning_rate=0.3, progress=False)
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    rates = [SVFTrainer(svf, tokenizer, chosen, pool, config).optimizer.param_groups[0]["lr"]
+             for chosen in (edits[:1], edits)]
+    assert rates == [0.3, 0.01]
 
 
 def test_a_config_with_an_unknown_or_broken_setting_is_one_clear_error(tmp_path):

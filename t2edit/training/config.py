@@ -54,6 +54,9 @@ class TrainConfig:
     # -- optimisation ------------------------------------------------------------------------------------------------
     learning_rate: float = field(default=0.2, metadata=_doc(
         "Adam's step (Transformer²: 2e-3 for 8B models; tiny fact worlds need a larger one)"))
+    single_edit_learning_rate: float | None = field(default=None, metadata=_doc(
+        "Adam's step for an expert of one edit (None: learning_rate); one edit's gradient does not fight others', "
+        "so it takes a larger step than a batch's"))
     max_grad_norm: float = field(default=1e-3, metadata=_doc("gradient-norm clip on z (Transformer²'s)"))
     steps: int = field(default=250, metadata=_doc("optimizer steps (fewer when stop_at_edit_success is met)"))
     lr_scheduler_type: str = field(default="cosine", metadata=_doc(
@@ -136,6 +139,9 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:  # also catches NaN
                 raise ValueError(f"{name}={getattr(self, name)}: must be greater than 0")
+        if self.single_edit_learning_rate is not None and not self.single_edit_learning_rate > 0:
+            raise ValueError(f"single_edit_learning_rate={self.single_edit_learning_rate}: must be greater than 0 "
+                             f"(or unset: learning_rate)")
         for name, low, high in (("top_p", 0.0, 1.0), ("route_margin", 0.0, 1.0), ("stop_at_edit_success", 0.0, 1.0),
                                 ("vllm_gpu_memory_utilization", 0.0, 1.0)):
             if not low <= getattr(self, name) <= high:

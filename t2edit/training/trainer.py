@@ -107,7 +107,9 @@ class SVFTrainer:
         self.neighbour_prompts = list(neighbour_prompts)
         self.subject_prompts = list(subject_prompts)
         self.seen_prompts: set[str] = set()  # every prompt the policy was trained on (tests check no leakage)
-        self.optimizer = torch.optim.Adam(model.z_parameters(), lr=config.learning_rate)
+        single = len(edits) == 1 and config.single_edit_learning_rate is not None
+        self.optimizer = torch.optim.Adam(model.z_parameters(),
+                                          lr=config.single_edit_learning_rate if single else config.learning_rate)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.step = 0
         self.rng = random.Random(config.seed)  # data order
