@@ -25,6 +25,7 @@ from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequ
 from t2edit.evaluation.runner import pre_edit_references
 from t2edit.evaluation.stream import SCORES, STREAM_POINTS, stream_editor, stream_points, write_stream
 from t2edit.experts import Expert
+from t2edit.files import atomic_write_json
 from t2edit.leakage import check_expert_may_score, learning_pool, router_negatives
 from t2edit.models import resolve_model_path, shipped_model_available
 from t2edit.rollouts import make_vllm_rollouts
@@ -165,7 +166,12 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
         path = out / "stream.json"
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
         title = f"{setup.model_name}: stream of {len(setup.edits)} edits"
-        references = pre_edit_references(setup.model, setup.tokenizer, setup.edits, progress=progress)
+        # The unedited model's answers to every locality probe, kept in the run's directory: a stream run again
+        # (the directory's run key says: same edits, same model) reads them instead of recomputing them.
+        saved = out / "pre_edit_references.json"
+        references = pre_edit_references(setup.model, setup.tokenizer, setup.edits, progress=progress,
+                                         known=json.loads(saved.read_text()) if saved.exists() else None)
+        atomic_write_json(saved, references.to_json(), indent=None)
         for method in methods:
             if method == "svf":
                 deadline = None if time_budget is None else time.perf_counter() + time_budget

@@ -64,9 +64,20 @@ def test_a_stopped_stream_continues_from_its_rows_and_gives_the_same_curve(world
         return real(editor, model, tokenizer, records, **kwargs)
 
     monkeypatch.setattr(stream_module, "evaluate_editor", counting)
+    import t2edit.evaluation.metrics as metrics
+
+    references = []
+    real_greedy = metrics.greedy_completions
+    monkeypatch.setattr(metrics, "greedy_completions", lambda model, *a, **k: references.append(model) or
+                        real_greedy(model, *a, **k))
+    import t2edit.evaluation.runner as runner
+
+    runner._PRE_EDIT.clear()  # a new process: nothing of the first run in memory
     resumed = run_stream(setup, ["grace"], str(out), points=[1, 2, 3], progress=False)
     assert _scores(resumed) == _scores(whole)
     assert 1 not in scored[::2]  # the first point was replayed, not scored again
+    # the unedited model's locality answers were read back from the run's directory, not generated again
+    assert setup.model not in references
 
 
 def test_a_method_that_cannot_stream_is_named_before_anything_runs(world_dir, tmp_path):

@@ -127,6 +127,17 @@ class PreEditReferences:
     argmax: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     greedy: dict[tuple[str, int], str] = field(default_factory=dict)
 
+    def to_json(self) -> dict:
+        """The answers, for a file (a stream that is run again reads them back instead of recomputing them)."""
+        return {"argmax": [[p, a, ids] for (p, a), ids in self.argmax.items()],
+                "greedy": [[p, budget, text] for (p, budget), text in self.greedy.items()]}
+
+    def add_json(self, raw: dict) -> "PreEditReferences":
+        """Answers saved by `to_json` (for the same unedited model: the caller checks that)."""
+        self.argmax.update(((p, a), list(ids)) for p, a, ids in raw["argmax"])
+        self.greedy.update(((p, int(budget)), text) for p, budget, text in raw["greedy"])
+        return self
+
 
 # Keyed by the model object; each entry is also checked against the model's current logits, so a model trained
 # further between calls never reuses stale references (EasyEdit reused its pre-edit file if the count matched).
@@ -167,8 +178,12 @@ def _pre_edit_references(model, tokenizer, jobs: list[_Job], batch_size: int, pr
 
 
 def pre_edit_references(model, tokenizer, records: Sequence[EditRecord], batch_size: int = M.DEFAULT_BATCH_SIZE,
-                        progress: bool = False) -> PreEditReferences:
-    """The unedited model's answers to every locality probe of `records` (for `evaluate_editor(references=...)`)."""
+                        progress: bool = False, known: dict | None = None) -> PreEditReferences:
+    """The unedited model's answers to every locality probe of `records` (for `evaluate_editor(references=...)`).
+    `known`: answers of this same model saved earlier (`PreEditReferences.to_json`); only the others are computed."""
+    if known is not None:
+        _PRE_EDIT[model] = PreEditReferences(id(tokenizer), _prompt_logits(model, tokenizer, _FINGERPRINT_TEXT)) \
+            .add_json(known)
     jobs, _ = _collect_jobs(list(records))
     return _pre_edit_references(model, tokenizer, [j for mine in jobs for j in mine if j.family == "locality"],
                                 batch_size, progress)
