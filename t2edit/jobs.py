@@ -192,7 +192,7 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
                 write_stream(others + sorted(scored, key=lambda r: r["edits"]), out, title)
 
             mine = stream_editor(editor, setup.model, setup.tokenizer, setup.edits, references, points,
-                                 chunk or STREAM_CHUNKS.get(method, 1), done, keep, time_budget)
+                                 chunk or STREAM_CHUNKS.get(method, 1), done, keep, time_budget, progress=progress)
             reached = {r["edits"] for r in mine}
             rows = others + mine + [r for r in done if r["edits"] not in reached]
             write_stream(rows, out, title)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from t2edit.data.records import EditRecord
 from t2edit.editors.base import EditedModel, Editor
@@ -52,7 +53,7 @@ class _AsLeft(Editor):
 def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord], references: PreEditReferences,
                   points: Sequence[int], chunk: int = 1, done: Sequence[dict] = (),
                   on_point: Callable[[dict], None] = lambda row: None, time_budget: float | None = None,
-                  batch_size: int = 16, seed: int = 0) -> list[dict]:
+                  batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[dict]:
     """Edit `records` in order, `chunk` per call (a call never spans a point), and score at each point. `done`:
     the rows of an earlier run of this stream (their points are replayed, not scored again). `time_budget`
     (seconds): no point is started that the pace so far says would end after it. Returns the rows, in order;
@@ -66,6 +67,7 @@ def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord
     calls: list[EditedModel] = []
     rows, edited_upto, edit_seconds, started = [], 0, 0.0, time.perf_counter()
     cpu_only = [] if next(model.parameters()).device.type == "cpu" else [next(model.parameters()).device]
+    bar = tqdm(total=points[-1] if points else 0, desc=f"{editor.name}: stream", disable=not progress)
     try:
         for point in points:
             elapsed = time.perf_counter() - started
@@ -82,6 +84,7 @@ def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord
                                                    len(batch)))
                 edit_seconds += time.perf_counter() - begun
                 edited_upto += len(batch)
+                bar.update(len(batch))
             if point in finished:
                 rows.append(finished[point])
                 continue
@@ -102,6 +105,7 @@ def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord
                      point, row["edit_success"] or 0, row["locality"] or 0, row["portability"] or 0, FIRST,
                      row[f"first{FIRST}_edit_success"] or 0, row["seconds_per_edit"])
     finally:
+        bar.close()
         for edited in reversed(calls):
             edited.restore()
     return rows
