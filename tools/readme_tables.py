@@ -196,6 +196,9 @@ TABLES = [
     Table("svf-single-grid", "results/svf_single_grid.json",
           f"python benchmarks/svf_single_grid.py --data {KNOWEDIT} --n 6 --threads 2", "results/svf_single_grid.json"),
     Table("stream-smollm2", "results/stream_smollm2.json", STREAM_COMMAND, "runs/stream/stream.json"),
+    Table("routing-scale", "results/routing_scale.json",
+          f"python benchmarks/routing_scale.py --data {KNOWEDIT} --k 1,100,1000 --threads 2",
+          "results/routing_scale.json"),
     Table("mutmut", "results/mutmut/mutmut_summary.json",
           'mutmut run "t2edit.leakage*" "rewards.builtin*" "t2edit.evaluation.metrics*" "t2edit.svf*" && '
           "python tools/mutmut_report.py results/mutmut", "results/mutmut/mutmut_summary.json"),
@@ -653,6 +656,19 @@ def _stream_block(payload: dict) -> list[str]:
     return lines
 
 
+def _routing_scale_block(payload: dict) -> list[str]:
+    """Two-pass seconds per prompt against the number of experts, next to the unedited model."""
+    lines = [f"{payload['model']}, `{payload['router']}` fitted on {payload['negatives']} negatives; greedy answers "
+             f"({payload['max_new_tokens']} tokens) to {payload['prompts']} prompts, best of 2.", "",
+             "| experts K | router fit s | two-pass s / prompt | unedited s / prompt | held edits routed | "
+             "other prompts routed | store MB |", "|---" * 7 + "|"]
+    for r in payload["rows"]:
+        lines.append(f"| {r['experts']} | {r['router_fit_seconds']:.1f} | {r['seconds_per_prompt']:.3f} | "
+                     f"{r['unedited_seconds_per_prompt']:.3f} | {r['held_edit_prompts_routed']} | "
+                     f"{r['other_prompts_routed']} | {r['store_megabytes']:.1f} |")
+    return lines
+
+
 def _tuning_block(part: str):
     return lambda payload: _transcribed(payload[part]["columns"], payload[part]["rows"])
 
@@ -692,7 +708,8 @@ BLOCKS = {"bench": _bench_block, "bench-adaptive": _adaptive_block, "smollm2-obj
           "scaling-cpu": _scaling_block, "field-tuning-locate": _field_tuning_block,
           "field-tuning-memory": _field_tuning_block, "key-samples": _key_samples_block,
           "crosscheck": _crosscheck_block, "svf-edit-cost": _svf_edit_cost_block,
-          "svf-single-grid": _svf_single_grid_block, "stream-smollm2": _stream_block}
+          "svf-single-grid": _svf_single_grid_block, "stream-smollm2": _stream_block,
+          "routing-scale": _routing_scale_block}
 _NEEDS_REPO = (_mutmut_block, _crosscheck_block)  # blocks that read a second file of the repository
 CROSSCHECK_EASYEDIT = "results/crosscheck_easyedit.json"
 # Every file a block reads besides its table's own source.
