@@ -84,19 +84,32 @@ def run_variant(name: str, setup, records, shared: bool, pass1_cache: dict) -> l
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_record_arguments(parser, n: int, out: str) -> None:
+    """The options of a single-edit benchmark on training-split records: model, data, first record, count, threads,
+    output JSON (under results/)."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--start", type=int, default=FIRST_TRAINING_RECORD)
-    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--n", type=int, default=n)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=str(REPO / "results" / "svf_edit_cost.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default=str(REPO / "results" / out))
+
+
+def records_found(args, parser) -> bool:
+    """False (after saying so) when the data file is absent; an error for records of the tables' edits."""
     if args.start < FIRST_TRAINING_RECORD:
         parser.error(f"--start {args.start}: records below {FIRST_TRAINING_RECORD} are the tables' edits")
     if not Path(args.data).exists():
         print(f"skipped: {args.data} not found (KnowEdit train_cf.json)")
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_record_arguments(parser, n=4, out="svf_edit_cost.json")
+    args = parser.parse_args(argv)
+    if not records_found(args, parser):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

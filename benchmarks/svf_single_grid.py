@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "knowedit" / "train_cf.json"
-FIRST_TRAINING_RECORD = 200  # records 0-49 are the tables' edits; tuning and benchmarks read 200 and later
+from svf_edit_cost import add_record_arguments, records_found  # benchmarks/ is on sys.path when run as a script
 
 # name -> TrainConfig overrides of the llm preset (each names every setting it varies, so a row does not change
 # when the preset does)
@@ -39,18 +37,10 @@ VARIANTS = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--start", type=int, default=FIRST_TRAINING_RECORD)
-    parser.add_argument("--n", type=int, default=6)
+    add_record_arguments(parser, n=6, out="svf_single_grid.json")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", default=str(REPO / "results" / "svf_single_grid.json"))
     args = parser.parse_args(argv)
-    if args.start < FIRST_TRAINING_RECORD:
-        parser.error(f"--start {args.start}: records below {FIRST_TRAINING_RECORD} are the tables' edits")
-    if not Path(args.data).exists():
-        print(f"skipped: {args.data} not found (KnowEdit train_cf.json)")
+    if not records_found(args, parser):
         return 0
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
