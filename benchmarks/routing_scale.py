@@ -22,17 +22,10 @@ from pathlib import Path
 
 import torch
 
+from bench import _timed  # benchmarks/ is on sys.path when this runs as a script: one timer for the benches
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "knowedit" / "train_cf.json"
-
-
-def _seconds(run, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main(argv=None) -> int:
@@ -65,7 +58,7 @@ def main(argv=None) -> int:
     # the same 32 prompts at every K: the first 16 records' edit prompts (an expert's own prompt once K reaches it)
     # and 16 prompts of records no expert holds
     prompts = [r.prompt for r in setup.edits[:16]] + [r.prompt for r in setup.other_records[:16]]
-    unedited = _seconds(lambda: greedy_completions(setup.model, tokenizer, prompts, 8, batch_size=32))
+    unedited = _timed(lambda: greedy_completions(setup.model, tokenizer, prompts, 8, batch_size=32), repeat=2)
     svf = apply_svf(setup.model, train_config_for(setup).svf_config(), progress=False)
     generator = torch.Generator().manual_seed(0)
     experts = []
@@ -82,7 +75,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         adaptive = AdaptiveModel(svf, mine, get_router("scope-split"), tokenizer, negatives=negatives).eval()
         fit = time.perf_counter() - started
-        seconds = _seconds(lambda: greedy_completions(adaptive, tokenizer, prompts, 8, batch_size=32))
+        seconds = _timed(lambda model=adaptive: greedy_completions(model, tokenizer, prompts, 8, batch_size=32), repeat=2)
         weights = torch.cat([adaptive.router.weights(b) for b in encode(adaptive, tokenizer, prompts, 32)])
         routed = (weights.argmax(-1) < k).tolist()
         with tempfile.TemporaryDirectory() as store:
@@ -98,7 +91,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     svf.unload()
-    from key_samples import provenance  # benchmarks/ is on sys.path when this runs as a script
+    from key_samples import (
+        provenance,  # benchmarks/ is on sys.path when this runs as a script
+    )
 
     payload = {"provenance": provenance(), "model": args.model, "router": "scope-split",
                "negatives": len(negatives), "prompts": 32, "max_new_tokens": 8, "rows": rows}

@@ -97,6 +97,9 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> argparse.ArgumentPa
     evaluate.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                           help="--sequential --method: stop a method at the last point that fits in this many "
                                "minutes (its rows say how far it got)")
+    evaluate.add_argument("--score-sample", type=int, default=None, metavar="N",
+                          help="--sequential --method: past N edits, score an evenly spaced N of the edits so far "
+                               "at each point (default: all)")
     evaluate.add_argument("--workers", type=int, default=1,
                           help="--sequential: train the single-edit experts in this many CPU processes")
     return evaluate
@@ -196,14 +199,17 @@ def _eval(args):
     from t2edit.setup import load_setup
 
     stream = args.sequential and args.method != ["none"]
-    if (args.points or args.time_budget) and not stream:
-        raise ValueError("--points / --time-budget apply to a stream: add --sequential --method METHOD[,METHOD...]")
+    if (args.points or args.time_budget or args.score_sample) and not stream:
+        raise ValueError("--points / --time-budget / --score-sample apply to a stream: add --sequential --method "
+                         "METHOD[,METHOD...]")
     many = bool(args.composition or args.sequential) and not stream
     if stream:
         if args.composition or args.expert or args.mode != "batch":
             raise ValueError("--composition / --expert / --mode do not apply to a --sequential stream; drop them")
         if args.time_budget is not None and not args.time_budget > 0:
             raise ValueError(f"--time-budget {args.time_budget}: give minutes greater than 0")
+        if args.score_sample is not None and args.score_sample < 1:
+            raise ValueError(f"--score-sample {args.score_sample}: score at least 1 edit per point")
         points = STREAM_POINTS
         if args.points:
             try:
@@ -229,7 +235,7 @@ def _eval(args):
                        skip_bad=args.skip_bad)
     if stream:
         run_stream(setup, args.method, args.out, points, chunk=args.chunk if args.chunk != 1 else None,
-                   routers=args.router, workers=args.workers,
+                   routers=args.router, workers=args.workers, score_sample=args.score_sample,
                    time_budget=None if args.time_budget is None else 60 * args.time_budget)
     elif many:
         run_many_experts(setup, args.out, composition=args.composition, sequential=args.sequential,

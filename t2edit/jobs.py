@@ -147,10 +147,10 @@ STREAM_METHODS = ("svf", "ft", "rome", "memit", "alphaedit", "grace", "wise", "s
 
 def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points: Sequence[int] = STREAM_POINTS,
                chunk: int | None = None, routers: Sequence[str] | None = None, time_budget: float | None = None,
-               workers: int = 1, progress: bool = True) -> list[dict]:
+               workers: int = 1, progress: bool = True, score_sample: int | None = None) -> list[dict]:
     """`t2edit eval --sequential --method ...`: every method edits the records in arrival order (its own protocol,
     `STREAM_CHUNKS`, or `chunk` edits per call for all), scored at each point of `points` (and at the last edit)
-    on every edit so far. out_dir/stream.json and stream.png grow point by point; a method stopped early keeps
+    on every edit so far (or `score_sample` evenly spaced ones, `t2edit.evaluation.stream.scored_edits`). out_dir/stream.json and stream.png grow point by point; a method stopped early keeps
     its points and continues from them when run again. SVF's rows are single-edit experts behind each of
     `routers` (default scope-split), trained into out_dir/experts. `time_budget`: seconds per method."""
     points = sorted(set(stream_points(len(setup.edits), points)) | {len(setup.edits)})
@@ -174,12 +174,19 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
         atomic_write_json(saved, references.to_json(), indent=None)
         for method in methods:
             if method == "svf":
+                routed = [f"svf ({name})" for name in routers or ("scope-split",)]
+                # A point every router has scored is not scored again (its experts are on disk either way).
+                todo = [t for t in points if not all(any(r["method"] == m and r["edits"] == t for r in rows)
+                                                     for m in routed)]
+                if not todo:
+                    continue
                 deadline = None if time_budget is None else time.perf_counter() + time_budget
-                curve = run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=points,
+                curve = run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=todo,
                                        workers=workers, deadline=deadline, experts_dir=out / "experts",
-                                       progress=progress)
+                                       progress=progress, references=references, score_sample=score_sample)
                 mine = [_svf_stream_row(row) for row in curve]
-                rows = [r for r in rows if r["method"] not in {m["method"] for m in mine}] + mine
+                new = {(m["method"], m["edits"]) for m in mine}
+                rows = [r for r in rows if (r["method"], r["edits"]) not in new] + mine
                 write_stream(rows, out, title)
                 continue
             editor = editors[method]
@@ -192,7 +199,8 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
                 write_stream(others + sorted(scored, key=lambda r: r["edits"]), out, title)
 
             mine = stream_editor(editor, setup.model, setup.tokenizer, setup.edits, references, points,
-                                 chunk or STREAM_CHUNKS.get(method, 1), done, keep, time_budget, progress=progress)
+                                 chunk or STREAM_CHUNKS.get(method, 1), done, keep, time_budget, progress=progress,
+                                 score_sample=score_sample)
             reached = {r["edits"] for r in mine}
             rows = others + mine + [r for r in done if r["edits"] not in reached]
             write_stream(rows, out, title)
@@ -203,6 +211,7 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
 def _svf_stream_row(row: dict) -> dict:
     """A row of SVF's sequential curve in the stream's columns."""
     return {"method": f"svf ({row['router']})", "edits_per_call": 1, "edits": row["edits"],
+            "scored": row.get("scored", row["edits"]),
             **{k: row[k] for k in SCORES}, **{k: row[k] for k in row if k.startswith("first")},
             "edit_seconds": row.get("train_seconds"),
             "seconds_per_edit": None if row.get("train_seconds") is None else round(row["train_seconds"] / row["edits"], 3),

@@ -90,3 +90,32 @@ def test_a_method_that_cannot_stream_is_named_before_anything_runs(world_dir, tm
     assert stream_points(5) == [5]
     with pytest.raises(ValueError, match="at least 1"):
         stream_points(10, [0, 5])
+
+
+def test_a_sampled_point_scores_evenly_spaced_edits_on_the_model_that_holds_them_all(world_dir, tmp_path):
+    from t2edit.evaluation.runner import _edit_in_sequence, pre_edit_references
+    from t2edit.evaluation.stream import _AsLeft, scored_edits
+
+    assert scored_edits(list(range(10)), 4) == [1, 3, 6, 8]  # the middle of each quarter
+    assert scored_edits(list(range(3)), 4) == [0, 1, 2] and scored_edits(list(range(3)), None) == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least 1"):
+        scored_edits([0], 0)
+    world, data = world_dir
+    setup = load_setup(world, data, 0, 4, progress=False)
+    rows = run_stream(setup, ["ft"], str(tmp_path / "stream"), points=[4], progress=False, score_sample=2)
+    assert [(r["edits"], r["scored"]) for r in rows] == [(4, 2)]
+    # the same four edits, then only records 1 and 3 scored (the middles of the two halves)
+    references = pre_edit_references(setup.model, setup.tokenizer, setup.edits, progress=False)
+    editor, calls = make_editor("ft", setup, output_dir=str(tmp_path / "ref")), []
+    for k, record in enumerate(setup.edits):
+        torch.manual_seed(k)  # the stream's seed for the call that starts at edit k
+        calls.append(_edit_in_sequence(editor, calls[-1].model if calls else setup.model, setup.tokenizer, [record],
+                                       1))
+    try:
+        chosen = evaluate_editor(_AsLeft(calls[-1], "ft"), setup.model, setup.tokenizer, setup.edits[1::2],
+                                 fluency=False, progress=False, references=references)
+    finally:
+        for edited in reversed(calls):
+            edited.restore()
+    for key in SCORES:
+        assert rows[0][key] == pytest.approx(getattr(chosen, key), abs=1e-6), key

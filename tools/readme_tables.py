@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -223,16 +224,21 @@ def write_plots(root: Path = REPO) -> list[Path]:
     written = []
     for source, target, title in PLOTS:
         payload = json.loads((root / source).read_text(encoding="utf-8"))
-        image = bar_plot([MethodResult(**row) for row in payload["methods"]], title)
-        path = root / target
-        if not path.exists() or path.read_bytes() != image:
-            path.write_bytes(image)
-            written.append(path)
+        _write_changed(root / target, bar_plot([MethodResult(**row) for row in payload["methods"]], title), written)
     for source, target in STREAM_PLOTS:
         if (root / source).exists():
             payload = json.loads((root / source).read_text(encoding="utf-8"))
-            written.append(plot_stream(payload["rows"], root / target, payload.get("title", "")))
+            with tempfile.TemporaryDirectory() as scratch:
+                image = plot_stream(payload["rows"], Path(scratch) / "stream.png", payload.get("title", "")).read_bytes()
+            _write_changed(root / target, image, written)
     return written
+
+
+def _write_changed(path: Path, image: bytes, written: list[Path]) -> None:
+    """Write a plot only when its bytes changed (a clean checkout stays clean)."""
+    if not path.exists() or path.read_bytes() != image:
+        path.write_bytes(image)
+        written.append(path)
 
 
 # The mutation runs of the mutmut table (mutmut_report.py writes counts only; the provenance is added to its JSON).
@@ -640,15 +646,18 @@ def _svf_single_grid_block(payload: dict) -> list[str]:
 
 
 def _stream_block(payload: dict) -> list[str]:
-    """Each method's stream: scores at every point T, the first 10 edits' strict ES, seconds per edit."""
+    """Each method's stream: scores at every point T (on all T edits, or on the evenly spaced sample the row says),
+    the first 10 edits' strict ES, seconds per edit."""
     rows = payload["rows"]
-    lines = ["| method (edits per call) | T | ES | Loc | Port | ES EM | Loc EM | Port EM | first 10 ES EM | "
+    lines = ["| method (edits per call) | T (scored) | ES | Loc | Port | ES EM | Loc EM | Port EM | first 10 ES EM | "
              "s per edit |", "|---" * 10 + "|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["edits"])
         for r in mine:
             seconds = "–" if r.get("seconds_per_edit") is None else f"{r['seconds_per_edit']:.2f}"
-            lines.append(f"| {method} ({r['edits_per_call']}) | {r['edits']} | " + " | ".join(
+            scored = r.get("scored", r["edits"])
+            t = str(r["edits"]) if scored == r["edits"] else f"{r['edits']} ({scored})"
+            lines.append(f"| {method} ({r['edits_per_call']}) | {t} | " + " | ".join(
                 _pct(r[k]) for k in ("edit_success", "locality", "portability", "edit_success_em", "locality_em",
                                      "portability_em", "first10_edit_success_em")) + f" | {seconds} |")
     reached = {m: max(r["edits"] for r in rows if r["method"] == m) for m in dict.fromkeys(r["method"] for r in rows)}

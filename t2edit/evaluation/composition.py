@@ -27,7 +27,8 @@ from t2edit.data.records import EditRecord, Probe
 from t2edit.distributed import Processes, processes
 from t2edit.editors import ExpertsEditor
 from t2edit.evaluation.report import write_results
-from t2edit.evaluation.runner import MethodResult, evaluate_editor
+from t2edit.evaluation.runner import MethodResult, PreEditReferences, evaluate_editor
+from t2edit.evaluation.stream import FIRST, scored_edits
 from t2edit.experts import Expert, ExpertInfo, OwnRouter
 from t2edit.files import atomic_write, atomic_write_json
 from t2edit.leakage import router_negatives
@@ -202,10 +203,13 @@ def sequential_sizes(n: int, points: int = 10) -> list[int]:
 def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split", "embedding"), points: int = 10,
                    base_config=None, progress: bool = True, workers: int = 1, batch_size: int | None = None,
                    deadline: float | None = None, sizes: Sequence[int] | None = None,
-                   experts_dir: str | Path | None = None):
+                   experts_dir: str | Path | None = None, references: PreEditReferences | None = None,
+                   score_sample: int | None = None):
     """Single-edit experts added one at a time; at each size of `sizes` (default `sequential_sizes(n, points)`)
     all edits so far are scored with every router (and the first 10 edits alone, to see whether they keep their
     scores). Experts train while earlier points are scored (`trained_experts`, `workers` CPU processes).
+    `references` (`t2edit.evaluation.runner.pre_edit_references` of the edits) spares each point the unedited
+    model's answers; `score_sample`: past that many edits a point scores `scored_edits` of them.
 
     Each point is appended to out_dir/sequential.json (and the plot redrawn) as soon as it is scored, so a run
     stopped early keeps every finished point. `deadline` (a time.perf_counter() value): no point is started after
@@ -237,11 +241,11 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
                           base_config, progress)
             procs = Processes()  # every expert is on disk: the curve is scored here alone
         return _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline,
-                           sizes, experts_dir, procs)
+                           sizes, experts_dir, procs, references, score_sample)
 
 
 def _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline, sizes,
-                experts_dir: Path, procs: Processes):
+                experts_dir: Path, procs: Processes, references=None, score_sample=None):
     edits = list(setup.edits)
     n = len(edits)
     chunks = split_records(edits, n)
@@ -274,11 +278,12 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
                 row_started = time.perf_counter()
                 editor = ExpertsEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}",
                                         negatives, loaded=loaded, pass1_cache=pass1)
-                result = evaluate_editor(editor, setup.model, setup.tokenizer, so_far, fluency=False,
-                                         progress=False, batch_size=batch_size)
-                first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(10, size)], fluency=False,
-                                        progress=False, batch_size=batch_size)
-                row = {"router": name, "edits": size, **{k: getattr(result, k) for k in (
+                scored = scored_edits(so_far, score_sample)
+                result = evaluate_editor(editor, setup.model, setup.tokenizer, scored, fluency=False,
+                                         progress=False, batch_size=batch_size, references=references)
+                first = evaluate_editor(editor, setup.model, setup.tokenizer, edits[:min(FIRST, size)],
+                                        fluency=False, progress=False, batch_size=batch_size, references=references)
+                row = {"router": name, "edits": size, "scored": len(scored), **{k: getattr(result, k) for k in (
                     "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
                     "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em,
                     "negatives": len(negatives), "router_fit_seconds": round(editor.fit_seconds, 2),

@@ -3,10 +3,13 @@ model the last call returned (never restored in between), and at each point T ev
 model that holds them all, with the first 10 edits scored alone to show what the stream kept of them.
 
 Locality is measured against the unedited model's answers (computed once, before the first edit), not against
-the model as the stream left it. A point is written (stream.json, atomically) as soon as it is scored; a run that
-is stopped keeps its points and, started again, replays the edits up to the last one (seeded: the same edits)
-without scoring them again. SVF's stream is `t2edit.evaluation.composition.run_sequential`, whose experts on
-disk are its state.
+the model as the stream left it. Past `score_sample` edits a point scores an evenly spaced sample of that many of
+the edits so far (every stretch of the stream represented; the model still holds them all): on 2 cores, scoring
+all 1,000 edits of a routed stream costs more than making them.
+
+A point is written (stream.json, atomically) as soon as it is scored; a run that is stopped keeps its points and,
+started again, replays the edits up to the last one (seeded: the same edits) without scoring them again. SVF's
+stream is `t2edit.evaluation.composition.run_sequential`, whose experts on disk are its state.
 """
 from __future__ import annotations
 
@@ -50,14 +53,26 @@ class _AsLeft(Editor):
         return EditedModel(model=self.edited.model, context=self.edited.context)
 
 
+def scored_edits(records: Sequence[EditRecord], sample: int | None) -> list[EditRecord]:
+    """What a point scores of the edits so far: all of them, or `sample` evenly spaced ones (the middle of each of
+    `sample` equal stretches)."""
+    records = list(records)
+    if sample is not None and sample < 1:
+        raise ValueError(f"--score-sample {sample}: score at least 1 edit per point")
+    if sample is None or len(records) <= sample:
+        return records
+    return [records[(2 * i + 1) * len(records) // (2 * sample)] for i in range(sample)]
+
+
 def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord], references: PreEditReferences,
                   points: Sequence[int], chunk: int = 1, done: Sequence[dict] = (),
                   on_point: Callable[[dict], None] = lambda row: None, time_budget: float | None = None,
-                  batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[dict]:
-    """Edit `records` in order, `chunk` per call (a call never spans a point), and score at each point. `done`:
-    the rows of an earlier run of this stream (their points are replayed, not scored again). `time_budget`
-    (seconds): no point is started that the pace so far says would end after it. Returns the rows, in order;
-    the model is restored before returning."""
+                  batch_size: int = 16, seed: int = 0, progress: bool = False,
+                  score_sample: int | None = None) -> list[dict]:
+    """Edit `records` in order, `chunk` per call (a call never spans a point), and score at each point (all edits
+    so far, or `scored_edits(..., score_sample)` of them). `done`: the rows of an earlier run of this stream (their
+    points are replayed, not scored again). `time_budget` (seconds): no point is started that the pace so far says
+    would end after it. Returns the rows, in order; the model is restored before returning."""
     if not getattr(editor, "sequential", False):
         raise ValueError(f"method {editor.name!r} does not edit sequentially (its edits replace each other)")
     if chunk < 1:
@@ -90,11 +105,12 @@ def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord
                 continue
             scoring = time.perf_counter()
             now = _AsLeft(calls[-1], editor.name)
-            result = evaluate_editor(now, model, tokenizer, records[:point], fluency=False, progress=False,
+            scored = scored_edits(records[:point], score_sample)
+            result = evaluate_editor(now, model, tokenizer, scored, fluency=False, progress=False,
                                      batch_size=batch_size, references=references)
             first = evaluate_editor(now, model, tokenizer, records[:min(FIRST, point)], fluency=False,
                                     progress=False, batch_size=batch_size, references=references)
-            row = {"method": editor.name, "edits_per_call": chunk, "edits": point,
+            row = {"method": editor.name, "edits_per_call": chunk, "edits": point, "scored": len(scored),
                    **{k: getattr(result, k) for k in SCORES},
                    **{f"first{FIRST}_{k}": getattr(first, k) for k in ("edit_success", "edit_success_em")},
                    "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / point, 3),
@@ -134,4 +150,4 @@ def plot_stream(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
                        panel_width=4.5)
 
 
-__all__ = ["STREAM_POINTS", "plot_stream", "stream_editor", "stream_points", "write_stream"]
+__all__ = ["STREAM_POINTS", "plot_stream", "scored_edits", "stream_editor", "stream_points", "write_stream"]
