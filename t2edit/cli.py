@@ -194,7 +194,6 @@ def _train(args):
 
 def _eval(args):
     from t2edit.distributed import processes
-    from t2edit.evaluation.stream import STREAM_POINTS
     from t2edit.jobs import run_eval, run_many_experts, run_stream
     from t2edit.setup import load_setup
 
@@ -210,7 +209,7 @@ def _eval(args):
             raise ValueError(f"--time-budget {args.time_budget}: give minutes greater than 0")
         if args.score_sample is not None and args.score_sample < 1:
             raise ValueError(f"--score-sample {args.score_sample}: score at least 1 edit per point")
-        points = STREAM_POINTS
+        points = None
         if args.points:
             try:
                 points = [int(t) for t in args.points.split(",")]

@@ -23,7 +23,7 @@ from t2edit.editors.settings import editor_config
 from t2edit.evaluation import evaluate_editor, format_table, write_results
 from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
 from t2edit.evaluation.runner import pre_edit_references
-from t2edit.evaluation.stream import SCORES, STREAM_POINTS, stream_editor, stream_points, write_stream
+from t2edit.evaluation.stream import SCORES, stream_editor, stream_points, write_stream
 from t2edit.experts import Expert
 from t2edit.files import atomic_write_json
 from t2edit.leakage import check_expert_may_score, learning_pool, router_negatives
@@ -145,15 +145,18 @@ STREAM_CHUNKS = {"memit": 10, "alphaedit": 10}
 STREAM_METHODS = ("svf", "ft", "rome", "memit", "alphaedit", "grace", "wise", "serac")
 
 
-def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points: Sequence[int] = STREAM_POINTS,
+def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points: Sequence[int] | None = None,
                chunk: int | None = None, routers: Sequence[str] | None = None, time_budget: float | None = None,
                workers: int = 1, progress: bool = True, score_sample: int | None = None) -> list[dict]:
     """`t2edit eval --sequential --method ...`: every method edits the records in arrival order (its own protocol,
-    `STREAM_CHUNKS`, or `chunk` edits per call for all), scored at each point of `points` (and at the last edit)
-    on every edit so far (or `score_sample` evenly spaced ones, `t2edit.evaluation.stream.scored_edits`). out_dir/stream.json and stream.png grow point by point; a method stopped early keeps
-    its points and continues from them when run again. SVF's rows are single-edit experts behind each of
+    `STREAM_CHUNKS`, or `chunk` edits per call for all), scored at each point of `points` (default `STREAM_POINTS`
+    up to n and the last edit; no edit is made past the last point) on every edit so far (or `score_sample` evenly
+    spaced ones, `t2edit.evaluation.stream.scored_edits`). out_dir/stream.json and stream.png grow point by point;
+    a method stopped early keeps its points and continues from them when run again. SVF's rows are single-edit experts behind each of
     `routers` (default scope-split), trained into out_dir/experts. `time_budget`: seconds per method."""
-    points = sorted(set(stream_points(len(setup.edits), points)) | {len(setup.edits)})
+    # The default points end at the last edit; points given end where they say (a run may stop short of n).
+    points = sorted(set(stream_points(len(setup.edits), points)) if points is not None else
+                    set(stream_points(len(setup.edits))) | {len(setup.edits)})
     editors = {m: make_editor(m, setup, output_dir=str(Path(out_dir) / m)) for m in methods if m != "svf"}
     one_shot = [m for m, editor in editors.items() if not getattr(editor, "sequential", False)]
     if one_shot:
@@ -181,13 +184,18 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
                 if not todo:
                     continue
                 deadline = None if time_budget is None else time.perf_counter() + time_budget
-                curve = run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=todo,
-                                       workers=workers, deadline=deadline, experts_dir=out / "experts",
-                                       progress=progress, references=references, score_sample=score_sample)
-                mine = [_svf_stream_row(row) for row in curve]
-                new = {(m["method"], m["edits"]) for m in mine}
-                rows = [r for r in rows if (r["method"], r["edits"]) not in new] + mine
-                write_stream(rows, out, title)
+                kept = [rows]  # every point goes to stream.json as soon as it is scored
+
+                def keep_svf(row, kept=kept):
+                    mine = _svf_stream_row(row)
+                    kept[0] = [r for r in kept[0] if (r["method"], r["edits"]) != (mine["method"], mine["edits"])]
+                    kept[0].append(mine)
+                    write_stream(kept[0], out, title)
+
+                run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=todo,
+                               workers=workers, deadline=deadline, experts_dir=out / "experts", progress=progress,
+                               references=references, score_sample=score_sample, on_point=keep_svf)
+                rows = kept[0]
                 continue
             editor = editors[method]
             done = [r for r in rows if r["method"] == editor.name]

@@ -119,3 +119,30 @@ def test_a_sampled_point_scores_evenly_spaced_edits_on_the_model_that_holds_them
             edited.restore()
     for key in SCORES:
         assert rows[0][key] == pytest.approx(getattr(chosen, key), abs=1e-6), key
+
+
+def test_svf_stream_writes_each_point_at_once_and_a_rerun_scores_only_the_missing_ones(world_dir, tmp_path,
+                                                                                     monkeypatch):
+    world, data = world_dir
+    setup = load_setup(world, data, 0, 2, progress=False)
+    out = tmp_path / "stream"
+    import t2edit.evaluation.composition as composition
+
+    written = []
+    real_write = composition.atomic_write_json
+    monkeypatch.setattr(composition, "atomic_write_json", lambda path, payload, **k: written.append(
+        json.loads((out / "stream.json").read_text())["rows"] if (out / "stream.json").exists() else []) or
+        real_write(path, payload, **k))
+    whole = run_stream(setup, ["svf"], str(out), points=[1, 2], progress=False)
+    assert [r["edits"] for r in whole] == [1, 2]
+    assert [r["edits"] for r in written[1]] == [1]  # point 1 was in stream.json before point 2 was scored
+    saved = json.loads((out / "stream.json").read_text())
+    saved["rows"] = saved["rows"][:1]  # killed after its first point
+    (out / "stream.json").write_text(json.dumps(saved))
+    scored = []
+    real = composition.evaluate_editor
+    monkeypatch.setattr(composition, "evaluate_editor", lambda editor, model, tokenizer, records, **k:
+                        scored.append(len(records)) or real(editor, model, tokenizer, records, **k))
+    resumed = run_stream(setup, ["svf"], str(out), points=[1, 2], progress=False)
+    assert scored == [2, 2]  # point 2 (its edits, then its first edits), not point 1 again
+    assert _scores(resumed) == _scores(whole)

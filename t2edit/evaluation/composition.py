@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,12 +204,13 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
                    base_config=None, progress: bool = True, workers: int = 1, batch_size: int | None = None,
                    deadline: float | None = None, sizes: Sequence[int] | None = None,
                    experts_dir: str | Path | None = None, references: PreEditReferences | None = None,
-                   score_sample: int | None = None):
+                   score_sample: int | None = None, on_point: Callable[[dict], None] = lambda row: None):
     """Single-edit experts added one at a time; at each size of `sizes` (default `sequential_sizes(n, points)`)
     all edits so far are scored with every router (and the first 10 edits alone, to see whether they keep their
     scores). Experts train while earlier points are scored (`trained_experts`, `workers` CPU processes).
     `references` (`t2edit.evaluation.runner.pre_edit_references` of the edits) spares each point the unedited
-    model's answers; `score_sample`: past that many edits a point scores `scored_edits` of them.
+    model's answers; `score_sample`: past that many edits a point scores `scored_edits` of them. `on_point` is
+    called with each row as soon as it is scored.
 
     Each point is appended to out_dir/sequential.json (and the plot redrawn) as soon as it is scored, so a run
     stopped early keeps every finished point. `deadline` (a time.perf_counter() value): no point is started after
@@ -241,11 +242,11 @@ def run_sequential(setup, out_dir: str, routers: Sequence[str] = ("scope-split",
                           base_config, progress)
             procs = Processes()  # every expert is on disk: the curve is scored here alone
         return _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline,
-                           sizes, experts_dir, procs, references, score_sample)
+                           sizes, experts_dir, procs, references, score_sample, on_point)
 
 
 def _sequential(setup, out_dir, routers, points, base_config, progress, workers, batch_size, deadline, sizes,
-                experts_dir: Path, procs: Processes, references=None, score_sample=None):
+                experts_dir: Path, procs: Processes, references=None, score_sample=None, on_point=lambda row: None):
     edits = list(setup.edits)
     n = len(edits)
     chunks = split_records(edits, n)
@@ -257,16 +258,19 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     loaded: dict = {}
     pass1: dict = {}  # the negatives' pass 1 on the unedited model, shared by every point's router fit
     started = time.perf_counter()
-    last_point_seconds, last_size = 0.0, 0
-    ready = trained_experts(setup, chunks, experts_dir, edits, base_config, progress, workers, procs)
+    last_point_seconds, last_scored = 0.0, 0
+    # no expert past the last point is trained
+    ready = trained_experts(setup, chunks[:sizes[-1]] if sizes else chunks, experts_dir, edits, base_config,
+                            progress, workers, procs)
     try:
         trained = 0
         for size in sizes:
             while trained < size and not _past(deadline):
                 next(ready)
                 trained += 1
-            # scoring grows with the edits scored; the routers' fit (the negatives' pass 1, paid once) does not
-            expected = last_point_seconds * size / max(1, last_size)
+            # scoring grows with the edits scored (all so far, or a sample); the routers' fit (the negatives'
+            # pass 1, paid once) does not
+            expected = last_point_seconds * len(scored_edits(range(size), score_sample)) / max(1, last_scored)
             if _past(deadline, expected):
                 log.info("sequential: deadline; stopping before %d edits (%d experts trained, %d rows kept)", size,
                          trained, len(curve))
@@ -297,8 +301,10 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
                          row["edit_success"], row["locality"], row["portability"], row["first10_edit_success"],
                          row["seconds"])
                 atomic_write_json(Path(out_dir) / "sequential.json", curve)
+                on_point(row)
             plot_sequential(curve, Path(out_dir) / "sequential.png")
-            last_point_seconds, last_size = time.perf_counter() - point_started - fitting, size
+            last_point_seconds = time.perf_counter() - point_started - fitting
+            last_scored = len(scored_edits(range(size), score_sample))
     finally:
         ready.close()  # stops the training workers if the curve ended early
     return curve
