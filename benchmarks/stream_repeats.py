@@ -5,7 +5,7 @@ Reads the experts a stream trained (`t2edit eval --sequential --method svf --out
 model's locality answers it saved (DIR/pre_edit_references.json), puts all T experts behind `scope-split` fitted on
 the stream's negatives, and scores the two groups (teacher-forced and strict) on the model that holds them all.
 
-    python benchmarks/stream_repeats.py --stream runs/stream/svf --n 1000 --threads 2
+    python benchmarks/stream_repeats.py --stream runs/stream/svf --n 1000 --at 500 --threads 2
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--stream", default=str(REPO / "runs" / "stream" / "svf"), help="the stream's --out")
-    parser.add_argument("--n", type=int, default=1000, help="the stream's --n (its first T edits)")
+    parser.add_argument("--n", type=int, default=1000, help="the stream's --n")
+    parser.add_argument("--at", type=int, default=None, help="T: the first T experts (default n)")
     parser.add_argument("--relation-sample", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=str(REPO / "results" / "stream_repeats.json"))
@@ -63,29 +64,31 @@ def main(argv=None) -> int:
     from t2edit.training import expert_run_dir
 
     setup = load_setup(args.model, args.data, 0, args.n, progress=False)
-    dirs = [expert_run_dir(stream / "experts", k) / "expert" for k in range(args.n)]
+    at = args.at or args.n
+    edits = setup.edits[:at]
+    dirs = [expert_run_dir(stream / "experts", k) / "expert" for k in range(at)]
     missing = [str(d) for d in dirs if not (d / "expert.safetensors").exists()]
     if missing:
-        parser.error(f"--stream {stream}: {len(missing)} of the first {args.n} experts are not there (first: "
-                     f"{missing[0]}); run the stream to T = {args.n} first, or lower --n")
+        parser.error(f"--stream {stream}: {len(missing)} of the first {at} experts are not there (first: "
+                     f"{missing[0]}); run the stream to T = {at} first, or lower --at")
     saved = stream / "pre_edit_references.json"  # the stream's own: nothing is generated again
     references = pre_edit_references(setup.model, setup.tokenizer, setup.edits, progress=False,
                                      known=json.loads(saved.read_text()) if saved.exists() else None)
-    editor = ExpertsEditor(dirs, lambda: get_router("scope-split"), f"scope-split@{args.n}",
-                           router_negatives(setup, setup.edits))
+    # the stream's router at T: fitted on the negatives of its first T edits
+    editor = ExpertsEditor(dirs, lambda: get_router("scope-split"), f"scope-split@{at}", router_negatives(setup, edits))
     rows = []
-    for group, indices in repeated_groups(setup.edits, args.relation_sample).items():
+    for group, indices in repeated_groups(edits, args.relation_sample).items():
         if not indices:
             continue
         started = time.perf_counter()
-        result = evaluate_editor(editor, setup.model, setup.tokenizer, [setup.edits[i] for i in indices],
+        result = evaluate_editor(editor, setup.model, setup.tokenizer, [edits[i] for i in indices],
                                  fluency=False, progress=True, references=references)
         rows.append({"group": group, "records": len(indices), **{k: getattr(result, k) for k in SCORES},
                      "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    payload = {"experts": args.n, "router": "scope-split", "negatives": len(editor.negatives),
+    payload = {"experts": at, "stream_edits": args.n, "router": "scope-split", "negatives": len(editor.negatives),
                "router_fit_seconds": round(editor.fit_seconds, 1), "rows": rows,
-               "provenance": {**provenance(), "note": f"the {args.n} single-edit experts of the stream in {stream}"}}
+               "provenance": {**provenance(), "note": f"the first {at} single-edit experts of the stream in {stream}"}}
     Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

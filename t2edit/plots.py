@@ -13,13 +13,16 @@ Curve = tuple[str, Sequence[float], Sequence[float | None], str]
 
 def plot_curves(panels: Sequence[tuple[str, Sequence[Curve]]], path: str | os.PathLike, *, xlabel: str,
                 ylabel: str, ylim: tuple[float, float] | None = None, panel_width: float = 5.5,
-                dpi: int = 120, xscale: str = "linear") -> Path:
-    """Line plots, one panel per (title, curves) side by side, saved as one PNG at `path` (atomically)."""
+                dpi: int = 120, xscale: str = "linear", suptitle: str = "") -> Path:
+    """Line plots, one panel per (title, curves) side by side, saved as one PNG at `path` (atomically); `suptitle`
+    over them all."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(panel_width * len(panels), 4), layout="constrained")
     FigureCanvasAgg(fig)
+    if suptitle:
+        fig.suptitle(suptitle)
     for axis, (title, curves) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, xs, ys, style in curves:
             axis.plot(list(xs), [float("nan") if y is None else y for y in ys], style, label=label)

@@ -268,8 +268,8 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
             while trained < size and not _past(deadline):
                 next(ready)
                 trained += 1
-            # scoring grows with the edits scored (all so far, or a sample); the routers' fit (the negatives'
-            # pass 1, paid once) does not
+            # scoring grows with the edits scored (all so far, or a sample); the routers' fit (pass 1 over the
+            # negatives) is left out of the projection
             expected = last_point_seconds * len(scored_edits(range(size), score_sample)) / max(1, last_scored)
             if _past(deadline, expected):
                 log.info("sequential: deadline; stopping before %d edits (%d experts trained, %d rows kept)", size,

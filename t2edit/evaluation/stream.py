@@ -145,9 +145,9 @@ def plot_stream(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["edits"])
             curves.append((method, [r["edits"] for r in mine],
                            [None if r.get(key) is None else 100 * r[key] for r in mine], "o-"))
-        panels.append((f"{title}: {name}" if title and not panels else name, curves))
+        panels.append((name, curves))
     return plot_curves(panels, path, xlabel="edits so far (T)", ylabel="%", ylim=(0, 105), xscale="log",
-                       panel_width=4.5)
+                       panel_width=4.5, suptitle=title)
 
 
 __all__ = ["STREAM_POINTS", "plot_stream", "scored_edits", "stream_editor", "stream_points", "write_stream"]
