@@ -207,8 +207,6 @@ def _eval(args):
             raise ValueError("--composition / --expert / --mode do not apply to a --sequential stream; drop them")
         if args.time_budget is not None and not args.time_budget > 0:
             raise ValueError(f"--time-budget {args.time_budget}: give minutes greater than 0")
-        if args.score_sample is not None and args.score_sample < 1:
-            raise ValueError(f"--score-sample {args.score_sample}: score at least 1 edit per point")
         points = None
         if args.points:
             try:

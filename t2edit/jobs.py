@@ -23,7 +23,7 @@ from t2edit.editors.settings import editor_config
 from t2edit.evaluation import evaluate_editor, format_table, write_results
 from t2edit.evaluation.composition import ROW_ROUTERS, run_composition, run_sequential
 from t2edit.evaluation.runner import pre_edit_references
-from t2edit.evaluation.stream import SCORES, stream_editor, stream_points, write_stream
+from t2edit.evaluation.stream import SCORES, scored_edits, stream_editor, stream_points, write_stream
 from t2edit.experts import Expert
 from t2edit.files import atomic_write_json
 from t2edit.leakage import check_expert_may_score, learning_pool, router_negatives
@@ -152,8 +152,10 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
     `STREAM_CHUNKS`, or `chunk` edits per call for all), scored at each point of `points` (default `STREAM_POINTS`
     up to n and the last edit; no edit is made past the last point) on every edit so far (or `score_sample` evenly
     spaced ones, `t2edit.evaluation.stream.scored_edits`). out_dir/stream.json and stream.png grow point by point;
-    a method stopped early keeps its points and continues from them when run again. SVF's rows are single-edit experts behind each of
-    `routers` (default scope-split), trained into out_dir/experts. `time_budget`: seconds per method."""
+    a method stopped early keeps its points and continues from them when run again. SVF's rows are single-edit
+    experts behind each of `routers` (default scope-split), trained into out_dir/experts. `time_budget`: seconds
+    per method."""
+    scored_edits((), score_sample)  # a bad --score-sample is said now, not at the first point hours later
     # The default points end at the last edit; points given end where they say (a run may stop short of n).
     points = sorted(set(stream_points(len(setup.edits), points)) if points is not None else
                     set(stream_points(len(setup.edits))) | {len(setup.edits)})

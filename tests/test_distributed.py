@@ -3,6 +3,7 @@ process doing the same work — data-parallel training of one expert (and a kill
 expert trained on a model sharded with FSDP2, experts fanned out over the processes, and `t2edit eval` split over
 them. Plus what needs no launch: keyed sampling (a prompt's rollouts do not depend on which process draws them) and
 the tensor-parallel slices the vLLM worker recomposes."""
+import contextlib
 import json
 import os
 import signal
@@ -243,10 +244,8 @@ def test_a_killed_two_process_run_resumed_ends_equal_to_an_uninterrupted_one(wor
     # Kill the launcher and both training processes at once (the launcher starts each in a session of its own).
     family = [launcher.pid] + [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)]
     for pid in family:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     launcher.wait()
     step_at_kill = torch.load(checkpoint, weights_only=True)["step"]
     assert 2 <= step_at_kill < 6, launcher.stdout.read().decode()[-3000:]

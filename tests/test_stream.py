@@ -85,6 +85,8 @@ def test_a_method_that_cannot_stream_is_named_before_anything_runs(world_dir, tm
     setup = load_setup(world, data, 0, 3, progress=False)
     with pytest.raises(ValueError, match="lora cannot take edit after edit"):
         run_stream(setup, ["grace", "lora"], str(tmp_path), points=[1], progress=False)
+    with pytest.raises(ValueError, match="--score-sample 0"):
+        run_stream(setup, ["grace"], str(tmp_path), points=[1], progress=False, score_sample=0)
     assert not (tmp_path / "stream.json").exists()
     assert stream_points(1000) == [10, 50, 100, 250, 500, 1000] and stream_points(30) == [10]
     assert stream_points(5) == [5]

@@ -256,7 +256,9 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     curve: list[dict] = []
     loaded: dict = {}
-    pass1: dict = {}  # the negatives' pass 1 on the unedited model, shared by every point's router fit
+    # the negatives' pass 1 on the unedited model, kept per list of prompts: it serves the routers of one point,
+    # and a later point only when its negatives are the same list
+    pass1: dict = {}
     started = time.perf_counter()
     last_point_seconds, last_scored = 0.0, 0
     # no expert past the last point is trained
