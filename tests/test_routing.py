@@ -87,3 +87,28 @@ def test_router_is_saved_with_the_expert(svf, tiny_tokenizer, tmp_path):
 def test_one_expert_without_a_router_of_its_own_is_refused(svf, tiny_tokenizer):
     with pytest.raises(ValueError, match="no router of its own"):
         AdaptiveModel.with_own_router(svf, Expert.from_model(svf), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pass1_stops_at_the_deepest_layer_read_and_gives_the_same_states(tiny_tokenizer, arch):
+    from t2edit.routing import pass1
+    from t2edit.routing.pass1 import decoder_layers
+
+    tiny_tokenizer.padding_side = "left"
+    model = apply_svf(build_tiny_model(tiny_tokenizer, arch=arch, num_layers=4), progress=False).eval()
+    model.set_z({k: 1 + torch.randn_like(v) for k, v in model.get_z().items()})  # pass 1 must not see the expert
+    batch = tiny_tokenizer([EDITED, "Baz"], return_tensors="pt", padding=True)
+    full = pass1(model, batch["input_ids"], batch["attention_mask"])
+    ran = []
+    hooks = [block.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+             for k, block in enumerate(decoder_layers(model))]
+    early = pass1(model, batch["input_ids"], batch["attention_mask"], layers=[0, 2])
+    for hook in hooks:
+        hook.remove()
+    assert ran == [0, 1]  # blocks 2 and 3 never ran
+    mask = batch["attention_mask"].bool()
+    for layer in (0, 2):
+        assert torch.allclose(early.hidden_states[layer][mask], full.hidden_states[layer][mask], atol=1e-5)
+    assert early.hidden_states[1] is None and early.hidden_states[-1] is None
+    last = pass1(model, batch["input_ids"], batch["attention_mask"], layers=[-1])  # the last: the whole model
+    assert torch.allclose(last.last_state, full.last_state, atol=1e-5)

@@ -21,19 +21,17 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from t2edit.batching import position_ids
 from t2edit.data.records import EditRecord
 from t2edit.editors.base import EditedModel, EditInputError, Editor, check_records
-from t2edit.editors.ft import mlp_output_layers
-from t2edit.editors.grace import StopForward
 from t2edit.editors.target_loss import model_device
 from t2edit.experts import OwnRouter
 from t2edit.leakage import learning_pool
-from t2edit.routing import PromptBatch, get_router, last_states, names_its_subject
+from t2edit.routing import PromptBatch, get_router, last_states, names_its_subject, pass1
 from t2edit.routing.base import edit_entries
 from t2edit.text import new_fact_context
 
@@ -55,10 +53,9 @@ class EditScope:
     """What a t2edit router reads of a model: one "expert" per edit of the memory (its prompt, subject and
     target), and pass 1 — the unedited model's hidden states, run only as deep as the router reads."""
 
-    def __init__(self, model, tokenizer, records: list[EditRecord], depth: int | None):
-        self.model, self.tokenizer, self.depth = model, tokenizer, depth
+    def __init__(self, model, tokenizer, records: list[EditRecord], layers: Sequence[int] | None):
+        self.model, self.tokenizer, self.layers = model, tokenizer, layers
         self.experts = [SimpleNamespace(info=SimpleNamespace(edits=edit_entries([r])), router=None) for r in records]
-        self.decoder_layers = [name.rsplit(".mlp.", 1)[0] for _, name in sorted(mlp_output_layers(model).items())]
 
     @property
     def num_experts(self) -> int:
@@ -71,38 +68,9 @@ class EditScope:
     def expert_names(self) -> list[str]:
         return [f"edit-{k}" for k in range(len(self.experts))]
 
-    @torch.no_grad()
-    def pass1(self, input_ids, attention_mask=None, prompt_end=None) -> PromptBatch:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        last = prompt_end if prompt_end is not None else \
-            torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        positions = position_ids(attention_mask)
-        if self.depth is None or self.depth >= len(self.decoder_layers):
-            states = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                output_hidden_states=True, logits_to_keep=1).hidden_states
-        else:
-            states = [None] * (len(self.decoder_layers) + 1)
-            states[self.depth] = self._layer_input(input_ids, attention_mask, positions)
-        return PromptBatch(input_ids, attention_mask, last.to(input_ids.device), tuple(states), self.tokenizer)
-
-    def _layer_input(self, input_ids, attention_mask, positions) -> torch.Tensor:
-        """The hidden states entering decoder layer `depth` (hidden_states[depth]), without running it."""
-        captured = {}
-
-        def stop(module, args, kwargs):
-            captured["states"] = args[0] if args else kwargs["hidden_states"]
-            raise StopForward
-
-        hook = self.model.get_submodule(self.decoder_layers[self.depth]).register_forward_pre_hook(stop,
-                                                                                                    with_kwargs=True)
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-        except StopForward:
-            pass
-        finally:
-            hook.remove()
-        return captured["states"]
+    def pass1(self, input_ids, attention_mask=None, prompt_end=None, layers=None) -> PromptBatch:
+        return pass1(self.model, input_ids, attention_mask, prompt_end, self.tokenizer,
+                     self.layers if layers is None else layers)
 
 
 class SeracEditor(Editor):
@@ -167,12 +135,12 @@ class SeracEditor(Editor):
         except TypeError as error:
             raise EditInputError(f"SeracEditorConfig.router_options {self.config.router_options}: {error}") from None
         if kind == "embedding":
-            scope = EditScope(model, tokenizer, memory, depth=None)
+            scope = EditScope(model, tokenizer, memory, layers=None)
             keys = F.normalize(last_states(scope, tokenizer, [r.prompt for r in memory]), dim=-1)
             for expert, key in zip(scope.experts, keys):
                 expert.router = OwnRouter(keys=key[None], threshold=-1.0)  # raised by the negatives in fit
         else:
-            scope = EditScope(model, tokenizer, memory, depth=max(router.layer, router.subject_layer))
+            scope = EditScope(model, tokenizer, memory, layers=router.layers)
         router.fit(scope, tokenizer, negatives=negatives)
         return router, scope
 

@@ -18,6 +18,10 @@ class HybridRouter(ExpertRouter):
     def __init__(self, scope: dict | None = None, embedding: dict | None = None):
         self.scope, self.embedding = ScopeRouter(**(scope or {})), EmbeddingRouter(**(embedding or {}))
 
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (*self.scope.layers, -1)
+
     def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **kwargs):
         super().fit(model)
         # One pass 1 over the negatives for both halves: the layers the scope half keys on and the last one, which
@@ -25,7 +29,7 @@ class HybridRouter(ExpertRouter):
         cache = {} if pass1_cache is None else pass1_cache
         if negatives:
             encode(model, tokenizer, list(negatives), cache=cache,
-                   layers=[self.scope.layer, self.scope.subject_layer, -1])
+                   layers=self.layers)
         self.scope.fit(model, tokenizer, negatives, pass1_cache=cache, **kwargs)
         self.embedding.fit(model, tokenizer, negatives, pass1_cache=cache, **kwargs)
         return self

@@ -118,8 +118,10 @@ class AdaptiveModel(nn.Module):
         return [e.info.name or f"expert-{k}" for k, e in enumerate(self.experts)]
 
     # -- pass 1 -------------------------------------------------------------------------------------------------
-    def pass1(self, input_ids, attention_mask=None, prompt_end=None) -> PromptBatch:
-        return pass1(self.svf_model, input_ids, attention_mask, prompt_end, self.tokenizer)
+    def pass1(self, input_ids, attention_mask=None, prompt_end=None, layers=None) -> PromptBatch:
+        """`layers`: the hidden states to keep (default: those the router reads, all if it does not say)."""
+        layers = getattr(self.router, "layers", None) if layers is None else layers
+        return pass1(self.svf_model, input_ids, attention_mask, prompt_end, self.tokenizer, layers)
 
     @torch.no_grad()
     def route(self, input_ids, attention_mask=None, prompt_end=None) -> torch.Tensor:

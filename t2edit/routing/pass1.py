@@ -2,14 +2,17 @@
 
 Every router reads a `PromptBatch`: the prompts' token ids (left-padded), where each prompt ends, and the hidden
 states of the unedited model (the SVF layers bypassed) at every layer. `encode` runs pass 1 over a list of prompts
-in batches, keeping only the layers a router reads, and can cache it for one base model.
+in batches, keeping only the layers a router reads, and can cache it for one base model. A router that reads only
+early layers (the scope routers key on the input embeddings) gets a pass 1 that stops at the deepest of them.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from t2edit.batching import position_ids
 from t2edit.svf import SVFModel, model_bypassed
@@ -48,19 +51,65 @@ class PromptBatch:
         return self._texts
 
 
+class _Reached(Exception):
+    """Raised by a pre-hook once the deepest decoder layer a caller reads has its input: the rest is not run."""
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks in order (the module list as long as its config's layer count; [] if none is):
+    hidden_states[k] of a transformers model is the input of block k."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return list(module)
+    return []
+
+
+def layer_inputs(model: nn.Module, depths, **inputs) -> dict[int, torch.Tensor]:
+    """The hidden states entering each decoder block of `depths` (hidden_states[d] for d < the layer count), the
+    model run only up to the deepest of them."""
+    blocks, deepest, captured = decoder_layers(model), max(depths), {}
+
+    def capture(depth):
+        def hook(module, args, kwargs):
+            captured[depth] = args[0] if args else kwargs["hidden_states"]
+            if depth == deepest:
+                raise _Reached
+        return hook
+
+    hooks = [blocks[d].register_forward_pre_hook(capture(d), with_kwargs=True) for d in set(depths)]
+    try:
+        model(**inputs)
+    except _Reached:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
 @torch.no_grad()
-def pass1(svf_model: SVFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-          prompt_end: torch.Tensor | None = None, tokenizer=None) -> PromptBatch:
-    """One forward of the unedited model over a left-padded batch. `prompt_end`: each row's last prompt token
-    when answer tokens follow (teacher forcing); default the final position."""
+def pass1(svf_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+          prompt_end: torch.Tensor | None = None, tokenizer=None, layers: Sequence[int] | None = None) -> PromptBatch:
+    """One forward of the unedited model (an SVF model's layers bypassed; a plain model as it is) over a left-padded batch. `prompt_end`: each row's last prompt token
+    when answer tokens follow (teacher forcing); default the final position. `layers`: the hidden states the caller
+    reads (−1: the last; None: all); the others are None, and the forward stops at the deepest one read."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     last = prompt_end if prompt_end is not None else \
         torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-    with model_bypassed(svf_model):  # logits_to_keep=1: routers read hidden states, not a vocabulary per position
-        out = svf_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                        output_hidden_states=True, logits_to_keep=1)
-    return PromptBatch(input_ids, attention_mask, last.to(input_ids.device), out.hidden_states, tokenizer)
+    count = svf_model.config.num_hidden_layers + 1
+    depths = None if layers is None else {layer % count for layer in layers}
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
+    with model_bypassed(svf_model) if isinstance(svf_model, SVFModel) else contextlib.nullcontext():
+        if depths and max(depths) < count - 1 and decoder_layers(svf_model):
+            found = layer_inputs(svf_model, depths, **inputs)
+            states = tuple(found.get(i) for i in range(count))
+        else:  # logits_to_keep=1: routers read hidden states, not a vocabulary per position
+            states = svf_model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states
+            if depths is not None:
+                states = tuple(h if i in depths else None for i, h in enumerate(states))
+    return PromptBatch(input_ids, attention_mask, last.to(input_ids.device), states, tokenizer)
 
 
 @torch.no_grad()
@@ -76,7 +125,7 @@ def encode(model, tokenizer, prompts: Sequence[str], batch_size: int = 64, cache
     svf_model = getattr(model, "svf_model", model)
     # An AdaptiveModel runs pass 1 through its own method (which also hands routers its tokenizer).
     run = model.pass1 if hasattr(model, "pass1") else \
-        (lambda ids, mask: pass1(svf_model, ids, mask, tokenizer=tokenizer))
+        (lambda ids, mask, layers=None: pass1(svf_model, ids, mask, tokenizer=tokenizer, layers=layers))
     key = (tuple(prompts), batch_size, None if layers is None else tuple(sorted(set(layers))))
     if cache is not None:
         hit = _cached_pass1(cache, key)
@@ -86,7 +135,7 @@ def encode(model, tokenizer, prompts: Sequence[str], batch_size: int = 64, cache
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
         enc = enc.to(svf_model.device)
-        batch = run(enc["input_ids"], enc["attention_mask"])
+        batch = run(enc["input_ids"], enc["attention_mask"], layers=layers)
         if layers is not None:
             keep = {layer % len(batch.hidden_states) for layer in layers}
             batch.hidden_states = tuple(h if i in keep else None for i, h in enumerate(batch.hidden_states))
@@ -133,4 +182,4 @@ def _cached_pass1(cache: dict, key: tuple) -> list[PromptBatch] | None:
     return None
 
 
-__all__ = ["PromptBatch", "encode", "last_states", "pass1", "stored_last_states"]
+__all__ = ["PromptBatch", "decoder_layers", "encode", "last_states", "layer_inputs", "pass1", "stored_last_states"]

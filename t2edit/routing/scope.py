@@ -40,6 +40,11 @@ class ScopeRouter(ExpertRouter):
         # The subject's tokens may be keyed at another layer than the relation's (aliases share meaning, not tokens).
         self.subject_layer = layer if subject_layer is None else subject_layer
 
+    @property
+    def layers(self) -> tuple[int, int]:
+        """The hidden states this router reads: pass 1 runs no deeper."""
+        return self.layer, self.subject_layer
+
     def fit(self, model, tokenizer=None, negatives=(), pass1_cache: dict | None = None, **_):
         self._build_keys(model, tokenizer, negatives)
         if self.fixed_threshold is not None:
@@ -47,7 +52,7 @@ class ScopeRouter(ExpertRouter):
         elif negatives:
             best = torch.cat([self._scores(b).max(-1).values
                               for b in encode(model, tokenizer, list(negatives), cache=pass1_cache,
-                                              layers=[self.layer, self.subject_layer])])
+                                              layers=self.layers)])
             self.threshold = threshold_above(best.quantile(self.quantile).item(), self.margin)
         else:
             self.threshold = 0.8  # without negatives: a default; calibrate for real use
@@ -87,7 +92,8 @@ class ScopeRouter(ExpertRouter):
         special = set(tokenizer.all_special_ids)
         for chunk in _chunks(list(texts), 64):
             enc = tokenizer(chunk, return_tensors="pt", padding=True, return_offsets_mapping=True)
-            pb = model.pass1(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
+            pb = model.pass1(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device),
+                             layers=self.layers)
             states = F.normalize(pb.hidden_states[self.layer].float(), dim=-1).cpu()
             subject_states = F.normalize(pb.hidden_states[self.subject_layer].float(), dim=-1).cpu()
             for row in range(len(chunk)):
@@ -194,7 +200,7 @@ class SplitScopeRouter(ScopeRouter):
         self.dropped = 0
         if negatives:
             parts = [self._parts(b) for b in encode(model, tokenizer, list(negatives), cache=pass1_cache,
-                                                    layers=[self.layer, self.subject_layer])]
+                                                    layers=self.layers)]
             subject, relation = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             restating = (subject >= self.restated) & (relation >= self.restated)
             self.dropped = int(restating.any(-1).sum())
