@@ -223,6 +223,7 @@ def _svf_stream_row(row: dict) -> dict:
     return {"method": f"svf ({row['router']})", "edits_per_call": 1, "edits": row["edits"],
             "scored": row.get("scored", row["edits"]),
             **{k: row[k] for k in SCORES}, **{k: row[k] for k in row if k.startswith("first")},
+            "edited_locality_probes": row.get("edited_locality_probes"),
             "edit_seconds": row.get("train_seconds"),
             "seconds_per_edit": None if row.get("train_seconds") is None else round(row["train_seconds"] / row["edits"], 3),
             "score_seconds": row["seconds"]}

@@ -148,3 +148,17 @@ def test_svf_stream_writes_each_point_at_once_and_a_rerun_scores_only_the_missin
     resumed = run_stream(setup, ["svf"], str(out), points=[1, 2], progress=False)
     assert scored == [2, 2]  # point 2 (its edits, then its first edits), not point 1 again
     assert _scores(resumed) == _scores(whole)
+
+
+def test_locality_probes_the_stream_itself_edited_are_counted():
+    from t2edit.data.records import EditRecord, Probe
+    from t2edit.evaluation.stream import edited_locality_probes
+
+    employer = EditRecord(subject="Ann", prompt="The employer of Ann is", target_new=["Acme"],
+                          locality={"relation_specificity": [Probe("The occupation of Ann is", ["painter"]),
+                                                             Probe("The capital of Baz is", ["Qux"])]})
+    occupation = EditRecord(subject="Ann", prompt="The occupation of  Ann is", target_new=["pilot"],
+                            locality={"relation_specificity": [Probe("The employer of Ann is", ["Initech"])]})
+    assert edited_locality_probes([employer], [employer]) == 0  # the occupation is not edited yet
+    assert edited_locality_probes([employer], [employer, occupation]) == 1  # same prompt up to spacing
+    assert edited_locality_probes([employer, occupation], [employer, occupation]) == 2

@@ -28,7 +28,7 @@ from t2edit.distributed import Processes, processes
 from t2edit.editors import ExpertsEditor
 from t2edit.evaluation.report import write_results
 from t2edit.evaluation.runner import MethodResult, PreEditReferences, evaluate_editor
-from t2edit.evaluation.stream import FIRST, scored_edits
+from t2edit.evaluation.stream import FIRST, edited_locality_probes, scored_edits
 from t2edit.experts import Expert, ExpertInfo, OwnRouter
 from t2edit.files import atomic_write, atomic_write_json
 from t2edit.leakage import router_negatives
@@ -292,6 +292,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
                 row = {"router": name, "edits": size, "scored": len(scored), **{k: getattr(result, k) for k in (
                     "edit_success", "locality", "portability", "edit_success_em", "locality_em", "portability_em")},
                     "first10_edit_success": first.edit_success, "first10_edit_success_em": first.edit_success_em,
+                    "edited_locality_probes": edited_locality_probes(scored, so_far),
                     "negatives": len(negatives), "router_fit_seconds": round(editor.fit_seconds, 2),
                     # the experts' own training time (kept in each expert: a resumed run reports the same)
                     "train_seconds": round(sum(loaded[d].info.train_seconds or 0.0 for d in dirs[:size]), 2),

@@ -25,6 +25,7 @@ from t2edit.data.records import EditRecord
 from t2edit.editors.base import EditedModel, Editor
 from t2edit.evaluation.runner import PreEditReferences, _edit_in_sequence, evaluate_editor
 from t2edit.files import atomic_write_json
+from t2edit.leakage import prompt_key
 from t2edit.plots import plot_curves
 
 log = logging.getLogger("t2edit")
@@ -62,6 +63,15 @@ def scored_edits(records: Sequence[EditRecord], sample: int | None) -> list[Edit
     if sample is None or len(records) <= sample:
         return records
     return [records[(2 * i + 1) * len(records) // (2 * sample)] for i in range(sample)]
+
+
+def edited_locality_probes(scored: Sequence[EditRecord], edits: Sequence[EditRecord]) -> int:
+    """How many locality probes of the `scored` records are the prompt of another of `edits` (KnowEdit asks one
+    record's fact as another's locality probe): the stream itself changed their answer, so holding the unedited
+    model's answer there counts as kept though it is now out of date. Rows report the count beside locality."""
+    owner = {prompt_key(r.prompt): id(r) for r in edits}
+    return sum(owner.get(prompt_key(p.prompt), id(r)) != id(r)
+               for r in scored for probes in r.locality.values() for p in probes)
 
 
 def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord], references: PreEditReferences,
@@ -112,6 +122,7 @@ def stream_editor(editor: Editor, model, tokenizer, records: Sequence[EditRecord
                                     progress=False, batch_size=batch_size, references=references)
             row = {"method": editor.name, "edits_per_call": chunk, "edits": point, "scored": len(scored),
                    **{k: getattr(result, k) for k in SCORES},
+                   "edited_locality_probes": edited_locality_probes(scored, records[:point]),
                    **{f"first{FIRST}_{k}": getattr(first, k) for k in ("edit_success", "edit_success_em")},
                    "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / point, 3),
                    "score_seconds": round(time.perf_counter() - scoring, 2)}
@@ -150,4 +161,4 @@ def plot_stream(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
                        panel_width=4.5, suptitle=title)
 
 
-__all__ = ["STREAM_POINTS", "plot_stream", "scored_edits", "stream_editor", "stream_points", "write_stream"]
+__all__ = ["STREAM_POINTS", "edited_locality_probes", "plot_stream", "scored_edits", "stream_editor", "stream_points", "write_stream"]
