@@ -186,18 +186,16 @@ def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points
                 if not todo:
                     continue
                 deadline = None if time_budget is None else time.perf_counter() + time_budget
-                kept = [rows]  # every point goes to stream.json as soon as it is scored
 
-                def keep_svf(row, kept=kept):
+                def keep_svf(row):  # every point goes to stream.json as soon as it is scored
+                    nonlocal rows
                     mine = _svf_stream_row(row)
-                    kept[0] = [r for r in kept[0] if (r["method"], r["edits"]) != (mine["method"], mine["edits"])]
-                    kept[0].append(mine)
-                    write_stream(kept[0], out, title)
+                    rows = [r for r in rows if (r["method"], r["edits"]) != (mine["method"], mine["edits"])] + [mine]
+                    write_stream(rows, out, title)
 
                 run_sequential(setup, str(out / "svf"), routers=routers or ("scope-split",), sizes=todo,
                                workers=workers, deadline=deadline, experts_dir=out / "experts", progress=progress,
                                references=references, score_sample=score_sample, on_point=keep_svf)
-                rows = kept[0]
                 continue
             editor = editors[method]
             done = [r for r in rows if r["method"] == editor.name]

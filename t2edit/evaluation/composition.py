@@ -256,9 +256,6 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     curve: list[dict] = []
     loaded: dict = {}
-    # the negatives' pass 1 on the unedited model, kept per list of prompts: it serves the routers of one point,
-    # and a later point only when its negatives are the same list
-    pass1: dict = {}
     started = time.perf_counter()
     last_point_seconds, last_scored = 0.0, 0
     # no expert past the last point is trained
@@ -280,6 +277,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
             point_started, fitting = time.perf_counter(), 0.0
             so_far = edits[:size]
             negatives = router_negatives(setup, so_far)
+            pass1: dict = {}  # the negatives' pass 1, shared by this point's routers (a later point has other negatives)
             for name in routers:
                 row_started = time.perf_counter()
                 editor = ExpertsEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}",
