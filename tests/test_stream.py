@@ -148,6 +148,8 @@ def test_svf_stream_writes_each_point_at_once_and_a_rerun_scores_only_the_missin
     resumed = run_stream(setup, ["svf"], str(out), points=[1, 2], progress=False)
     assert scored == [2, 2]  # point 2 (its edits, then its first edits), not point 1 again
     assert _scores(resumed) == _scores(whole)
+    curve = json.loads((out / "svf" / "sequential.json").read_text())
+    assert [r["edits"] for r in curve] == [1, 2]  # the rerun's curve file keeps the point it did not score again
 
 
 def test_locality_probes_the_stream_itself_edited_are_counted():

@@ -649,12 +649,16 @@ def _svf_single_grid_block(payload: dict) -> list[str]:
     return lines
 
 
+def _count(value) -> str:
+    return "–" if value is None else str(value)
+
+
 def _stream_block(payload: dict) -> list[str]:
     """Each method's stream: scores at every point T (on all T edits, or on the evenly spaced sample the row says),
     the first 10 edits' strict ES, seconds per edit."""
     rows = payload["rows"]
     lines = ["| method (edits per call) | T (scored) | ES | Loc | Port | ES EM | Loc EM | Port EM | first 10 ES EM | "
-             "s per edit |", "|---" * 10 + "|"]
+             "Loc probes the stream edited | s per edit |", "|---" * 11 + "|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["edits"])
         for r in mine:
@@ -663,7 +667,8 @@ def _stream_block(payload: dict) -> list[str]:
             t = str(r["edits"]) if scored == r["edits"] else f"{r['edits']} ({scored})"
             lines.append(f"| {method} ({r['edits_per_call']}) | {t} | " + " | ".join(
                 _pct(r[k]) for k in ("edit_success", "locality", "portability", "edit_success_em", "locality_em",
-                                     "portability_em", "first10_edit_success_em")) + f" | {seconds} |")
+                                     "portability_em", "first10_edit_success_em"))
+                         + f" | {_count(r.get('edited_locality_probes'))} | {seconds} |")
     reached = {m: max(r["edits"] for r in rows if r["method"] == m) for m in dict.fromkeys(r["method"] for r in rows)}
     lines += ["", "Largest T reached: " + ", ".join(f"{m} {t}" for m, t in reached.items()) + "."]
     return lines

@@ -254,7 +254,8 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
     sizes = sorted({s for s in (sizes or sequential_sizes(n, points)) if 1 <= s <= n})
     batch_size = batch_size or (64 if setup.world_report is not None else 16)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    curve: list[dict] = []
+    saved = Path(out_dir) / "sequential.json"  # an earlier run of this curve (its run key checked): its points stay
+    curve: list[dict] = [r for r in json.loads(saved.read_text()) if r["edits"] not in sizes] if saved.exists() else []
     loaded: dict = {}
     started = time.perf_counter()
     last_point_seconds, last_scored = 0.0, 0
@@ -277,7 +278,7 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
             point_started, fitting = time.perf_counter(), 0.0
             so_far = edits[:size]
             negatives = router_negatives(setup, so_far)
-            pass1: dict = {}  # the negatives' pass 1, shared by this point's routers (a later point has other negatives)
+            pass1: dict = {}  # the negatives' pass 1 for this point's routers (a later point has other negatives)
             for name in routers:
                 row_started = time.perf_counter()
                 editor = ExpertsEditor(dirs[:size], _router_factory(name, chunks[:size], []), f"{name}@{size}",
@@ -301,7 +302,8 @@ def _sequential(setup, out_dir, routers, points, base_config, progress, workers,
                 log.info("sequential %s %4d edits: ES %.3f Loc %.3f Port %.3f (first 10: ES %.3f) %.1f s", name, size,
                          row["edit_success"], row["locality"], row["portability"], row["first10_edit_success"],
                          row["seconds"])
-                atomic_write_json(Path(out_dir) / "sequential.json", curve)
+                curve.sort(key=lambda r: r["edits"])
+                atomic_write_json(saved, curve)
                 on_point(row)
             plot_sequential(curve, Path(out_dir) / "sequential.png")
             last_point_seconds = time.perf_counter() - point_started - fitting

@@ -91,9 +91,10 @@ def layer_inputs(model: nn.Module, depths, **inputs) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def pass1(svf_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
           prompt_end: torch.Tensor | None = None, tokenizer=None, layers: Sequence[int] | None = None) -> PromptBatch:
-    """One forward of the unedited model (an SVF model's layers bypassed; a plain model as it is) over a left-padded batch. `prompt_end`: each row's last prompt token
-    when answer tokens follow (teacher forcing); default the final position. `layers`: the hidden states the caller
-    reads (−1: the last; None: all); the others are None, and the forward stops at the deepest one read."""
+    """One forward of the unedited model (an SVF model's layers bypassed; a plain model as it is) over a left-padded
+    batch. `prompt_end`: each row's last prompt token when answer tokens follow (teacher forcing); default the final
+    position. `layers`: the hidden states the caller reads (−1: the last; None: all); the others are None, and the
+    forward stops at the deepest one read."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     last = prompt_end if prompt_end is not None else \
