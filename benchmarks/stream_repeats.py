@@ -5,7 +5,7 @@ Reads the experts a stream trained (`t2edit eval --sequential --method svf --out
 model's locality answers it saved (DIR/pre_edit_references.json), puts all T experts behind `scope-split` fitted on
 the stream's negatives, and scores the two groups (teacher-forced and strict) on the model that holds them all.
 
-    python benchmarks/stream_repeats.py --stream runs/stream/svf --n 1000 --at 500 --threads 2
+    python benchmarks/stream_repeats.py --stream runs/stream --n 1000 --at 500 --threads 2
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--stream", default=str(REPO / "runs" / "stream" / "svf"), help="the stream's --out")
+    parser.add_argument("--stream", default=str(REPO / "runs" / "stream"), help="the stream's --out")
     parser.add_argument("--n", type=int, default=1000, help="the stream's --n")
     parser.add_argument("--at", type=int, default=None, help="T: the first T experts (default n)")
     parser.add_argument("--relation-sample", type=int, default=60)

@@ -41,8 +41,8 @@ _FIELD_GRID_NOTE = ("each row is that command's evaluation, one record at a time
 FIELD_EDITORS = "rome,memit,alphaedit,grace,wise,serac"
 _SEQ520 = "python benchmarks/device_seq500.py --data " + KNOWEDIT
 STREAM_COMMAND = (f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 1000 --sequential --method svf "
-                  "--points 10,50,100,500 --score-sample 100 --workers 2 --out runs/stream/svf")
-_STREAM_NOTE = ("writes `runs/stream/svf/stream.json`; the other methods' rows: the same command with `--method "
+                  "--points 10,50,100,250,500,560 --score-sample 100 --workers 2 --out runs/stream")
+_STREAM_NOTE = ("writes `runs/stream/stream.json`; the other methods' rows: the same command with `--method "
                 "grace,ft,wise,memit,alphaedit --time-budget 6 --out runs/stream/field`; this file holds both files' "
                 "rows")
 
@@ -199,7 +199,7 @@ TABLES = [
           f"python benchmarks/svf_edit_cost.py --data {KNOWEDIT} --n 4 --threads 2", "results/svf_edit_cost.json"),
     Table("svf-single-grid", "results/svf_single_grid.json",
           f"python benchmarks/svf_single_grid.py --data {KNOWEDIT} --n 6 --threads 2", "results/svf_single_grid.json"),
-    Table("stream-smollm2", "results/stream_smollm2.json", STREAM_COMMAND, "runs/stream/svf/stream.json",
+    Table("stream-smollm2", "results/stream_smollm2.json", STREAM_COMMAND, "runs/stream/stream.json",
           _STREAM_NOTE),
     Table("routing-scale", "results/routing_scale.json",
           f"python benchmarks/routing_scale.py --data {KNOWEDIT} --k 1,100,1000 --threads 2",
