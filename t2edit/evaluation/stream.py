@@ -161,4 +161,5 @@ def plot_stream(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
                        panel_width=4.5, suptitle=title)
 
 
-__all__ = ["STREAM_POINTS", "edited_locality_probes", "plot_stream", "scored_edits", "stream_editor", "stream_points", "write_stream"]
+__all__ = ["STREAM_POINTS", "edited_locality_probes", "plot_stream", "scored_edits", "stream_editor", "stream_points",
+           "write_stream"]
