@@ -65,10 +65,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def layer_inputs(model: nn.Module, depths, **inputs) -> dict[int, torch.Tensor]:
-    """The hidden states entering each decoder block of `depths` (hidden_states[d] for d < the layer count), the
-    model run only up to the deepest of them."""
-    blocks, deepest, captured = decoder_layers(model), max(depths), {}
+def layer_inputs(model: nn.Module, blocks: Sequence[nn.Module], depths, **inputs) -> dict[int, torch.Tensor]:
+    """The hidden states entering each of the decoder `blocks` (`decoder_layers(model)`) numbered in `depths`
+    (hidden_states[d] for d < the layer count), the model run only up to the deepest of them."""
+    deepest, captured = max(depths), {}
 
     def capture(depth):
         def hook(module, args, kwargs):
@@ -103,8 +103,9 @@ def pass1(svf_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     depths = None if layers is None else {layer % count for layer in layers}
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids(attention_mask)}
     with model_bypassed(svf_model) if isinstance(svf_model, SVFModel) else contextlib.nullcontext():
-        if depths and max(depths) < count - 1 and decoder_layers(svf_model):
-            found = layer_inputs(svf_model, depths, **inputs)
+        blocks = decoder_layers(svf_model) if depths and max(depths) < count - 1 else []
+        if blocks:
+            found = layer_inputs(svf_model, blocks, depths, **inputs)
             states = tuple(found.get(i) for i in range(count))
         else:  # logits_to_keep=1: routers read hidden states, not a vocabulary per position
             states = svf_model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states
@@ -136,11 +137,7 @@ def encode(model, tokenizer, prompts: Sequence[str], batch_size: int = 64, cache
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True)
         enc = enc.to(svf_model.device)
-        batch = run(enc["input_ids"], enc["attention_mask"], layers=layers)
-        if layers is not None:
-            keep = {layer % len(batch.hidden_states) for layer in layers}
-            batch.hidden_states = tuple(h if i in keep else None for i, h in enumerate(batch.hidden_states))
-        batches.append(batch)
+        batches.append(run(enc["input_ids"], enc["attention_mask"], layers=layers))  # pass 1 keeps only `layers`
     if cache is not None:
         cache[key] = batches
     return batches
