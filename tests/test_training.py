@@ -103,6 +103,29 @@ def test_trainer_learns_unsampled_targets_and_its_router_leaves_held_out_prompts
     assert not routed.any(), [p for p, r in zip(held_out, routed) if r]
 
 
+def test_training_stops_at_the_first_checked_step_that_edits_and_decodes_only_once_the_forced_bound_says_so(
+        tiny_world, tmp_path):
+    model, tokenizer = _load(tiny_world)
+    edits, pool = tiny_edits()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), steps=40, edits_per_step=2, lr_scheduler_type="constant",
+                         neighbours_per_step=4, group_size=4, save_every=0, eval_every=1, stop_at_edit_success=1.0,
+                         progress=False)
+    svf = apply_svf(model, config.svf_config(), progress=False)
+    trainer = SVFTrainer(svf, tokenizer, edits, pool, config)
+    assert trainer.edit_success_forced() == 0.0
+    greedy_checks = []
+    real = trainer.edit_success_greedy
+    trainer.edit_success_greedy = lambda: greedy_checks.append(trainer.step) or real()
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert trainer.stopped_early and len(rows) < 40 and rows[-1]["edit_success_greedy"] == 1.0
+    assert all(r["edit_success_forced"] < 1.0 and "edit_success_greedy" not in r for r in rows[:-1])
+    # the greedy decode ran only at steps whose forced bound reached the target, and never said more than it
+    assert greedy_checks == [r["step"] for r in rows if r.get("edit_success_forced") == 1.0]
+    assert all(r["edit_success_greedy"] <= r["edit_success_forced"] for r in rows if "edit_success_greedy" in r)
+    assert trainer.edit_success_forced() == trainer.edit_success_greedy() == 1.0
+
+
 def test_learning_rate_decays_and_a_wrong_scheduler_name_is_named(tiny_world, tmp_path):
     model, tokenizer = _load(tiny_world)
     edits, pool = tiny_edits()

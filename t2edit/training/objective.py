@@ -176,6 +176,14 @@ def scored_logits(model, tokenizer, prompts: list[str], completions: list[list[i
                                                                 tokenizer.pad_token_id)
 
 
+def forced_answer_hits(model, tokenizer, prompts: list[str], answers: list[list[int]]) -> list[bool]:
+    """Per row: is every token of the answer the model's argmax when the answer is fed after its prompt?"""
+    logits, targets, row_of = scored_logits(model, tokenizer, prompts, answers)
+    wrong = torch.zeros(len(prompts), device=targets.device).index_add(
+        0, row_of, (logits.argmax(-1) != targets).float())
+    return [not bool(w) for w in wrong]
+
+
 def reference_logprobs(model: SVFModel, tokenizer, prompts: list[str], completions: list[list[int]],
                        precision: str = "fp32", cache=None) -> torch.Tensor:
     """log π_unedited over the vocabulary at every completion token, row by row in order (the KL anchor's

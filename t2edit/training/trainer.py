@@ -47,7 +47,8 @@ from t2edit.routing.embedding import calibrate_own_router
 from t2edit.svf import SVFModel, model_bypassed
 from t2edit.text import answer_matches
 from t2edit.training.config import TrainConfig
-from t2edit.training.objective import group_advantages, make_scheduler, score_rows, sequence_logprobs
+from t2edit.training.objective import (forced_answer_hits, group_advantages, make_scheduler, score_rows,
+                                       sequence_logprobs)
 from t2edit.training.references import UneditedModelCache
 
 log = logging.getLogger("t2edit")
@@ -308,6 +309,32 @@ class SVFTrainer:
         hits = gather([float(answer_matches(s, i.answers)) for s, i in zip(said, mine)], self.data_procs)
         return _mean(h for part in hits for h in part)
 
+    def edit_success_forced(self) -> float:
+        """The share of edit prompts whose target (any accepted answer) is the argmax at every one of its tokens
+        when fed to the model: one forward instead of a greedy decode. A greedy answer that matches its target was
+        produced that way, so this is an upper bound of `edit_success_greedy` that gates the greedy check."""
+        mine = share(self.edit_items, self.data_procs)
+        rows = [(i, answer) for i, item in enumerate(mine) for answer in item.answers]
+        with torch.no_grad(), autocast_context(self.model.device, self.config.precision):
+            hits = forced_answer_hits(self.model, self.tokenizer, [mine[i].prompt for i, _ in rows],
+                                      [self._answer_ids(a)[:-1] for _, a in rows]) if rows else []
+        edited = [False] * len(mine)
+        for (i, _), hit in zip(rows, hits):
+            edited[i] = edited[i] or hit
+        return _mean(h for part in gather([float(e) for e in edited], self.data_procs) for h in part)
+
+    def _check_edit_success(self, metrics: dict) -> None:
+        """Strict edit success at an evaluation step, into `metrics`; sets `stopped_early` at the target. With a
+        target, the greedy decode runs only once the teacher-forced bound reaches it (or at the last step)."""
+        target = self.config.stop_at_edit_success
+        if target and self.step < self.config.steps:
+            metrics["edit_success_forced"] = self.edit_success_forced()
+            if metrics["edit_success_forced"] < target:
+                return
+        metrics["edit_success_greedy"] = self.edit_success_greedy()
+        if target and metrics["edit_success_greedy"] >= target:
+            self.stopped_early = True
+
     def calibration_negatives(self) -> list[str]:
         """Prompts the router must leave alone: the neighbours and anchors, a bounded sample of them (encoding a
         pool of thousands of prompts is slow on a real model and moves the threshold little)."""
@@ -366,9 +393,7 @@ class SVFTrainer:
         while self.step < config.steps:
             metrics = self.training_step()
             if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
-                metrics["edit_success_greedy"] = self.edit_success_greedy()
-                if config.stop_at_edit_success and metrics["edit_success_greedy"] >= config.stop_at_edit_success:
-                    self.stopped_early = True
+                self._check_edit_success(metrics)
             metrics["seconds"] = round(time.time() - started, 2)
             if self.is_main:
                 with metrics_path.open("a") as handle:
