@@ -4,6 +4,8 @@ subject is edited more than once in the stream, and edits of the relation asked 
 Reads the experts a stream trained (`t2edit eval --sequential --method svf --out DIR`: DIR/experts) and the unedited
 model's locality answers it saved (DIR/pre_edit_references.json), puts all T experts behind `scope-split` fitted on
 the stream's negatives, and scores the two groups (teacher-forced and strict) on the model that holds them all.
+`--groups scored` scores instead the edits a stream point scores, split by whether a locality probe of theirs is
+another edit's prompt (where locality holds the model to an answer the stream has made out of date).
 
     python benchmarks/stream_repeats.py --stream runs/stream --n 1000 --at 500 --threads 2
 """
@@ -36,6 +38,18 @@ def repeated_groups(records, relation_sample: int) -> dict[str, list[int]]:
     return {"repeated subjects": repeated, f"relation {relation!r}": asked[::step][:relation_sample]}
 
 
+def edited_probe_groups(records, sample: int) -> dict[str, list[int]]:
+    """The records a stream point scores (`scored_edits` of all of them), split by whether one of their locality
+    probes is another edit's prompt: where the unedited answer the probe holds the model to is out of date."""
+    from t2edit.evaluation.stream import edited_locality_probes, scored_edits
+
+    position = {id(r): i for i, r in enumerate(records)}
+    scored = [position[id(r)] for r in scored_edits(records, sample)]
+    edited = [i for i in scored if edited_locality_probes([records[i]], records)]
+    return {"scored, a probe another edit's prompt": edited,
+            "scored, no probe another edit's prompt": [i for i in scored if i not in edited]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -44,6 +58,10 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="the stream's --n")
     parser.add_argument("--at", type=int, default=None, help="T: the first T experts (default n)")
     parser.add_argument("--relation-sample", type=int, default=60)
+    parser.add_argument("--groups", choices=("repeats", "scored"), default="repeats",
+                        help="repeats: repeated subjects and the most-asked relation; scored: the point's "
+                             "--score-sample edits, split by whether a locality probe is another edit's prompt")
+    parser.add_argument("--score-sample", type=int, default=100, help="with --groups scored: the stream's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=str(REPO / "results" / "stream_repeats.json"))
     args = parser.parse_args(argv)
@@ -77,7 +95,9 @@ def main(argv=None) -> int:
     # the stream's router at T: fitted on the negatives of its first T edits
     editor = ExpertsEditor(dirs, lambda: get_router("scope-split"), f"scope-split@{at}", router_negatives(setup, edits))
     rows = []
-    for group, indices in repeated_groups(edits, args.relation_sample).items():
+    groups = repeated_groups(edits, args.relation_sample) if args.groups == "repeats" else \
+        edited_probe_groups(edits, args.score_sample)
+    for group, indices in groups.items():
         if not indices:
             continue
         started = time.perf_counter()
