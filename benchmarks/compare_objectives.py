@@ -64,10 +64,9 @@ def main(argv=None):
                         help="OBJECTIVE=DIR: take that objective's curve from an earlier run's DIR/metrics.jsonl "
                              "(same settings, same machine) instead of training it again")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("t",) else value
+    from batch_cost import parse_overrides  # benchmarks/ is on sys.path when this runs as a script
+
+    overrides = parse_overrides(args.set)
     reused = dict(item.split("=", 1) for item in args.reuse)
     results = [load_run(objective, reused[objective]) if objective in reused else run_one(objective, args, overrides)
                for objective in args.objectives.split(",")]
