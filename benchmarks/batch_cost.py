@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     add_record_arguments(parser, n=50, out="batch_cost.json")
     parser.add_argument("--methods", default="lora,ft,svf", help="comma-separated; svf is compared with lora")
     parser.add_argument("--set", action="append", default=[], help="SVF TrainConfig override key=value")
+    parser.add_argument("--stop-at-lora", action="store_true",
+                        help="SVF stops at LoRA's strict edit success (the target's comparison) instead of the "
+                             "preset's 1.0; LoRA runs first")
     args = parser.parse_args(argv)
     if not records_found(args, parser):
         return 0
@@ -79,7 +82,16 @@ def main(argv=None) -> int:
 
     setup = load_setup(args.model, args.data, args.start, args.n, progress=False)
     with tempfile.TemporaryDirectory(prefix="t2edit-batch-cost-") as workdir:
-        rows = [run_method(m, setup, overrides, workdir) for m in args.methods.split(",") if m]
+        methods = [m for m in args.methods.split(",") if m]
+        if args.stop_at_lora:
+            if "lora" not in methods or "svf" not in methods:
+                parser.error("--stop-at-lora compares SVF with LoRA: give --methods with both")
+            methods = ["lora"] + [m for m in methods if m != "lora"]
+        rows = []
+        for method in methods:
+            if method == "svf" and args.stop_at_lora:
+                overrides["stop_at_edit_success"] = rows[0]["strict_es"]
+            rows.append(run_method(method, setup, overrides, workdir))
     by_method = {r["method"]: r for r in rows}
     summary = {}
     if {"svf", "lora"} <= set(by_method):

@@ -140,9 +140,10 @@ def run_many_experts(setup: EditingSetup, out_dir: str, composition: str | None 
 
 
 # Each method's protocol in a stream, as edits per editor call: one at a time for the editors published as
-# lifelong ones (GRACE, WISE, FT-M, ROME, SVF's single-edit experts), batches for the batched least-squares editors.
+# lifelong ones (GRACE, WISE, FT-M, LoRA, ROME, SVF's single-edit experts), batches for the batched least-squares
+# editors.
 STREAM_CHUNKS = {"memit": 10, "alphaedit": 10}
-STREAM_METHODS = ("svf", "ft", "rome", "memit", "alphaedit", "grace", "wise", "serac")
+STREAM_METHODS = ("svf", "ft", "lora", "rome", "memit", "alphaedit", "grace", "wise", "serac")
 
 
 def run_stream(setup: EditingSetup, methods: Sequence[str], out_dir: str, points: Sequence[int] | None = None,

@@ -246,6 +246,27 @@ def test_lora_targets_q_and_v_projections_by_default(world, model):
     assert not any(hasattr(module, "lora_A") for module in model.modules())
 
 
+def test_lora_in_a_stream_trains_one_adapter_further_and_each_restore_undoes_its_own_call(world, model):
+    tokenizer, first, second = world["tokenizer"], world["edits"][0], world["edits"][1]
+    texts = [first.prompt, second.prompt]
+    unedited = _logits(model, tokenizer, texts)
+    editor = LoRAEditor(LoRAEditorConfig(steps=5, lr=1e-2, dropout=0.0))
+    one = editor.edit(model, tokenizer, [first])
+    after_one = _logits(model, tokenizer, texts)
+    n_adapted = sum(hasattr(module, "lora_A") for module in model.modules())
+    base = {k: t.clone() for k, t in model.state_dict().items() if "lora_" not in k}
+    two = editor.edit(one.model, tokenizer, [second])
+    # The second call trained the same layers (no adapter wrapped in another), and moved the model.
+    assert sum(hasattr(module, "lora_A") for module in model.modules()) == n_adapted
+    assert not torch.allclose(_logits(model, tokenizer, texts), after_one)
+    assert all(torch.equal(t, base[k]) for k, t in model.state_dict().items() if "lora_" not in k)
+    two.restore()
+    assert torch.allclose(_logits(model, tokenizer, texts), after_one)
+    one.restore()
+    assert not any(hasattr(module, "lora_A") for module in model.modules())
+    assert torch.equal(_logits(model, tokenizer, texts), unedited)
+
+
 def test_ft_trains_only_the_middle_layers_mlp_output(world, model):
     name = mlp_output_module_name(model, None)
     assert name == "model.layers.1.mlp.down_proj"

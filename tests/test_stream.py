@@ -24,7 +24,7 @@ def _logits(setup):
         return setup.model(**ids).logits
 
 
-@pytest.mark.parametrize("method", ["ft", "grace"])
+@pytest.mark.parametrize("method", ["ft", "lora", "grace"])
 def test_the_last_point_scores_what_a_sequential_evaluation_scores_and_the_model_comes_back(world_dir, tmp_path,
                                                                                             method):
     world, data = world_dir
@@ -83,8 +83,8 @@ def test_a_stopped_stream_continues_from_its_rows_and_gives_the_same_curve(world
 def test_a_method_that_cannot_stream_is_named_before_anything_runs(world_dir, tmp_path):
     world, data = world_dir
     setup = load_setup(world, data, 0, 3, progress=False)
-    with pytest.raises(ValueError, match="lora cannot take edit after edit"):
-        run_stream(setup, ["grace", "lora"], str(tmp_path), points=[1], progress=False)
+    with pytest.raises(ValueError, match="ike cannot take edit after edit"):
+        run_stream(setup, ["grace", "ike"], str(tmp_path), points=[1], progress=False)
     with pytest.raises(ValueError, match="--score-sample 0"):
         run_stream(setup, ["grace"], str(tmp_path), points=[1], progress=False, score_sample=0)
     assert not (tmp_path / "stream.json").exists()

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -124,6 +125,33 @@ def test_training_stops_at_the_first_checked_step_that_edits_and_decodes_only_on
     assert greedy_checks == [r["step"] for r in rows if r.get("edit_success_forced") == 1.0]
     assert all(r["edit_success_greedy"] <= r["edit_success_forced"] for r in rows if "edit_success_greedy" in r)
     assert trainer.edit_success_forced() == trainer.edit_success_greedy() == 1.0
+
+
+def test_a_warm_start_takes_supervised_steps_first_then_samples(tiny_world, tmp_path):
+    edits, pool = tiny_edits()
+
+    def run(name, steps, **settings):
+        model, tokenizer = _load(tiny_world)
+        config = TrainConfig(output_dir=str(tmp_path / name), steps=steps, edits_per_step=2, neighbours_per_step=2,
+                             group_size=3, lr_scheduler_type="constant", save_every=0, eval_every=0, progress=False,
+                             **settings)
+        svf = apply_svf(model, config.svf_config(), progress=False)
+        SVFTrainer(svf, tokenizer, edits, pool, config).train()
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return rows, torch.cat([p.detach().flatten() for p in svf.z_parameters()])
+
+    warm, _ = run("warm", 4, warm_start_steps=2)
+    # warm-start steps score one row per item (the target, or a neighbour's answer) and sample nothing
+    assert [r["rows_scored"] for r in warm[:2]] == [4, 4]
+    assert all(math.isnan(r["reward"]) and r["time/sampling"] == 0.0 for r in warm[:2])
+    assert all(r["rows_scored"] > 4 and not math.isnan(r["reward"]) for r in warm[2:])
+    # and they are the supervised objective's steps: the same z as two steps of ce
+    _, z_warm = run("warm2", 2, warm_start_steps=2)
+    _, z_ce = run("ce", 2, objective="ce")
+    _, z_rl = run("rl", 2)
+    assert torch.equal(z_warm, z_ce) and not torch.equal(z_warm, z_rl)
+    with pytest.raises(ValueError, match="warm_start_steps=-1"):
+        TrainConfig(warm_start_steps=-1)
 
 
 def test_learning_rate_decays_and_a_wrong_scheduler_name_is_named(tiny_world, tmp_path):

@@ -42,9 +42,11 @@ class LoRAEditorConfig:
 
 class LoRAEditor(Editor):
     """Batch mode trains one adapter on all the records; restore() unloads it (no merge), which puts the base
-    model's original linear layers back untouched."""
+    model's original linear layers back untouched. Called again on the model it returned (a stream), it trains the
+    same adapter further on the new records; that call's restore() puts the adapter's weights back as they were."""
 
     name = "lora"
+    sequential = True
 
     def __init__(self, config: LoRAEditorConfig | None = None):
         self.config = config or LoRAEditorConfig()
@@ -55,20 +57,39 @@ class LoRAEditor(Editor):
         device = model_device(model)
         batches = target_batches(tokenizer, records, config.batch_size, device)
         base_flags = requires_grad_snapshot(model)  # PEFT freezes the base model; we give the flags back
+        lora = model.__dict__.get(_ADAPTER)  # this editor's adapter from an earlier call on this model
+        attached = lora is None
         with seeded(config.seed, device):
-            lora = _attach_adapter(model, config)
-            adapter_parameters = [p for p in lora.parameters() if p.requires_grad]
+            if attached:
+                lora = _attach_adapter(model, config)
+            adapter_parameters = [p for name, p in lora.named_parameters() if "lora_" in name]
+            before = [p.detach().clone() for p in adapter_parameters]
+            for parameter in model.parameters():  # the base model frozen again, as PEFT froze it on attaching
+                parameter.requires_grad_(False)
+            for parameter in adapter_parameters:
+                parameter.requires_grad_(True)
             train_on_targets(model, adapter_parameters, batches, config.steps, config.lr, config.weight_decay,
                              progress=config.progress, desc="LoRA edit", stop_loss=config.stop_loss,
                              precision=config.precision)
         restore_requires_grad(base_flags)
+        model.__dict__[_ADAPTER] = lora
 
         def restore() -> None:
-            lora.unload()  # swaps each LoRA layer back for the original module it wrapped
+            if attached:
+                lora.unload()  # swaps each LoRA layer back for the original module it wrapped
+                model.__dict__.pop(_ADAPTER, None)
+            else:
+                with torch.no_grad():
+                    for parameter, value in zip(adapter_parameters, before):
+                        parameter.copy_(value)
             restore_requires_grad(base_flags)
 
         # PEFT injects its layers into `model` itself, so the caller keeps using the same module.
         return EditedModel(model=model, restore=restore)
+
+
+# Where a model keeps the adapter this editor attached to it (PEFT's wrapper; the model itself holds the layers).
+_ADAPTER = "_t2edit_lora_adapter"
 
 
 def _attach_adapter(model: torch.nn.Module, config: LoRAEditorConfig):

@@ -70,6 +70,10 @@ class TrainConfig:
     objective: str = field(default="reinforce", metadata=_doc(
         "reinforce (guided groups, exact-match rewards) | ce (supervised cross-entropy on the target: the "
         "reference REINFORCE is measured against)"))
+    warm_start_steps: int = field(default=0, metadata=_doc(
+        "the first N steps are supervised (ce: the targets teacher-forced, nothing sampled), the rest `objective`'s; "
+        "a guided REINFORCE step without a baseline pushes the target up as ce does, but also samples and scores a "
+        "rollout per prompt that earns nothing until the edit is nearly learned"))
     group_size: int = field(default=2, metadata=_doc("sampled answers per prompt (plus the guide, if on)"))
     guided: bool = field(default=True, metadata=_doc(
         "add the rewarded answer to each group: a counterfactual target is never sampled, so without it an "
@@ -129,7 +133,7 @@ class TrainConfig:
         """One clear line for a setting that cannot work, before anything is loaded or written."""
         at_least = {"steps": 1, "n_edits": 1, "start": 0, "group_size": 1, "edits_per_step": 1, "top_k": 0,
                     "neighbours_per_step": 0, "neighbours_per_edit": 0, "subject_neighbours_per_step": 0,
-                    "max_new_tokens": 0, "warmup_steps": 0,
+                    "max_new_tokens": 0, "warmup_steps": 0, "warm_start_steps": 0,
                     "rows_per_chunk": 1, "reference_batch": 1, "router_calibration_prompts": 0, "save_every": 0,
                     "eval_every": 0}
         for name, low in at_least.items():

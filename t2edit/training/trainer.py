@@ -182,21 +182,24 @@ class SVFTrainer:
     def _groups(self, items: list[TrainItem]):
         """The rows to score: for each sampled item a group of rollouts (plus the guide), for CE the target alone,
         for neighbours that are not sampled the unedited answer alone (KL-anchored)."""
-        config = self.config
-        sampled_items = [i for i in items if config.objective == "reinforce" and
-                         (i.kind == "edit" or config.sample_neighbours)]
+        config, reinforce = self.config, self.objective_now() == "reinforce"
+        sampled_items = [i for i in items if reinforce and (i.kind == "edit" or config.sample_neighbours)]
         with autocast_context(self.model.device, config.precision):  # sampling is a large share of a step in fp32
             sampled = iter(self.rollouts.sample(
                 [i.prompt for i in sampled_items], config.group_size, config.temperature,
                 [self.budgets.get(i.prompt, self.max_new_tokens) for i in sampled_items], top_k=config.top_k,
                 top_p=config.top_p, seeds=[self._sample_seed(i) for i in sampled_items]) if sampled_items else [])
         for item in items:
-            if config.objective == "reinforce" and (item.kind == "edit" or config.sample_neighbours):
+            if reinforce and (item.kind == "edit" or config.sample_neighbours):
                 members = [list(ids) for ids in next(sampled)]
                 guide = [self._answer_ids(item.answers[0])] if config.guided else []
                 yield item, members + guide, [False] * len(members) + [True] * len(guide)
             else:
                 yield item, [self._answer_ids(item.answers[0])], [True]
+
+    def objective_now(self) -> str:
+        """The objective of the step about to run: ce during the warm start, the config's after it."""
+        return "ce" if self.step < self.config.warm_start_steps else self.config.objective
 
     def training_step(self) -> dict:
         config, tokenizer = self.config, self.tokenizer
@@ -217,7 +220,7 @@ class SVFTrainer:
         total, per_reward = self.rewards(prompts, texts, kind=kinds, answers=answers)
         rewards = torch.tensor(total, dtype=torch.float32)
         groups = torch.tensor(group_of)
-        if config.objective == "ce":  # every row is a target: weight 1 on edits, KL alone on neighbours
+        if self.objective_now() == "ce":  # every row is a target: weight 1 on edits, KL alone on neighbours
             advantages = torch.tensor([1.0 if k == "edit" else 0.0 for k in kinds])
         else:
             advantages = group_advantages(rewards, groups, config.baseline) if len(groups) else rewards
