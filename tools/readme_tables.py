@@ -43,7 +43,8 @@ _SEQ520 = "python benchmarks/device_seq500.py --data " + KNOWEDIT
 STREAM_COMMAND = (f"t2edit eval --model smollm2-135m --data {KNOWEDIT} --n 1000 --sequential --method svf "
                   "--points 10,50,100,250,500,560,1000 --score-sample 100 --workers 2 --out runs/stream")
 _STREAM_NOTE = ("writes `runs/stream/stream.json`; the other methods' rows: the same command with `--method "
-                "lora,ft --points 10,50,100,250,500,1000 --time-budget 35 --out runs/field_a`, `--method grace "
+                "lora,ft --points 10,50,100,250,500,1000 --time-budget 35 --out runs/field_a` (then `--method ft --points "
+                "10,50,100,250,500 --time-budget 32`, same --out), `--method grace "
                 "--time-budget 70 --out runs/field_b` and `--method wise,memit,alphaedit --time-budget 6`; this file "
                 "holds their rows")
 
