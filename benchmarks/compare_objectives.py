@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from batch_cost import parse_overrides  # benchmarks/ is on sys.path when this runs as a script
+
 
 def run_one(objective: str, args, overrides: dict) -> dict:
     from t2edit.jobs import run_training
@@ -64,8 +66,6 @@ def main(argv=None):
                         help="OBJECTIVE=DIR: take that objective's curve from an earlier run's DIR/metrics.jsonl "
                              "(same settings, same machine) instead of training it again")
     args = parser.parse_args(argv)
-    from batch_cost import parse_overrides  # benchmarks/ is on sys.path when this runs as a script
-
     overrides = parse_overrides(args.set)
     reused = dict(item.split("=", 1) for item in args.reuse)
     results = [load_run(objective, reused[objective]) if objective in reused else run_one(objective, args, overrides)

@@ -45,8 +45,8 @@ def edited_probe_groups(records, sample: int) -> dict[str, list[int]]:
 
     position = {id(r): i for i, r in enumerate(records)}
     scored = [position[id(r)] for r in scored_edits(records, sample)]
-    edited = [i for i in scored if edited_locality_probes([records[i]], records)]
-    return {"scored, a probe another edit's prompt": edited,
+    edited = {i for i in scored if edited_locality_probes([records[i]], records)}
+    return {"scored, a probe another edit's prompt": [i for i in scored if i in edited],
             "scored, no probe another edit's prompt": [i for i in scored if i not in edited]}
 
 

@@ -64,10 +64,6 @@ class LoRAEditor(Editor):
                 lora = _attach_adapter(model, config)
             adapter_parameters = [p for name, p in lora.named_parameters() if "lora_" in name]
             before = [p.detach().clone() for p in adapter_parameters]
-            for parameter in model.parameters():  # the base model frozen again, as PEFT froze it on attaching
-                parameter.requires_grad_(False)
-            for parameter in adapter_parameters:
-                parameter.requires_grad_(True)
             train_on_targets(model, adapter_parameters, batches, config.steps, config.lr, config.weight_decay,
                              progress=config.progress, desc="LoRA edit", stop_loss=config.stop_loss,
                              precision=config.precision)
